@@ -1,0 +1,3 @@
+from ssehub.cli import main
+
+main()

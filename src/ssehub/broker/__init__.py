@@ -1,0 +1,27 @@
+"""Append-only event logs behind every stream: in memory or in Redis."""
+
+from ssehub.broker.base import (
+    Batch,
+    Broker,
+    BrokerError,
+    BrokerUnavailable,
+    Entry,
+    Retention,
+    StreamClosed,
+    StreamInfo,
+    format_id,
+    parse_id,
+)
+
+__all__ = [
+    "Batch",
+    "Broker",
+    "BrokerError",
+    "BrokerUnavailable",
+    "Entry",
+    "Retention",
+    "StreamClosed",
+    "StreamInfo",
+    "format_id",
+    "parse_id",
+]

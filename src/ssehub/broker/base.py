@@ -1,0 +1,150 @@
+"""The broker contract: named append-only logs of events with increasing ids.
+
+Every stream ssehub serves (a channel, a completion, a job) is one log. An SSE connection
+is a reader at a cursor in a log; resume, replay, fan-out and multi-node delivery all
+follow from that. Two implementations keep this contract: `MemoryBroker` (one process)
+and `RedisBroker` (Redis Streams, many processes and nodes).
+
+Ids have the Redis stream id form `<ms>-<seq>` in every broker, so an id handed out by
+one process is a valid cursor on any other that shares the log, and ids compare by
+`parse_id`. A memory broker's ids stay increasing across restarts because `<ms>` is wall
+time, so a cursor from an earlier process is never mistaken for a newer event.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from ssehub.protocol import ServerSentEvent, encode
+
+_ID = re.compile(r"(\d{1,20})-(\d{1,20})\Z")
+
+
+class BrokerError(Exception):
+    """The broker could not do what was asked."""
+
+
+class BrokerUnavailable(BrokerError):
+    """The backing service (Redis) cannot be reached now; the caller may retry later."""
+
+
+class StreamClosed(BrokerError):
+    """Append to a stream that was closed."""
+
+
+def parse_id(value: str) -> tuple[int, int] | None:
+    """`"<ms>-<seq>"` as a comparable pair, or None when `value` is not such an id."""
+    match = _ID.match(value)
+    if match is None:
+        return None
+    return int(match[1]), int(match[2])
+
+
+def format_id(key: tuple[int, int]) -> str:
+    return f"{key[0]}-{key[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One event in a log. `wire` is its SSE encoding with its `id:` line, made once."""
+
+    id: str
+    key: tuple[int, int]
+    event: str
+    data: str
+    wire: bytes = field(repr=False)
+
+    @classmethod
+    def make(cls, id: str, event: str, data: str) -> Entry:
+        key = parse_id(id)
+        if key is None:
+            raise ValueError(f"not a stream id: {id!r}")
+        wire = encode(ServerSentEvent(data=data, event=event, id=id))
+        return cls(id=id, key=key, event=event, data=data, wire=wire)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What a read or a tail step returns.
+
+    `gap` is True when the cursor given was older than the oldest retained entry, or not
+    an id of this stream (unknown, malformed or from the future): `entries` then start at
+    the oldest retained entry, and the reader must be told before it gets them.
+    `closed` is True when the stream was closed and `entries` hold the last of it.
+    """
+
+    entries: Sequence[Entry]
+    gap: bool = False
+    closed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much of a log is kept for replay: at most `max_len` entries, none older than
+    `max_age` seconds (None: no bound of that kind)."""
+
+    max_len: int | None = 10_000
+    max_age: float | None = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    first_id: str | None
+    last_id: str | None
+    length: int
+    closed: bool
+
+
+class Broker(abc.ABC):
+    """Named append-only logs. All methods are safe to call concurrently from one loop."""
+
+    @abc.abstractmethod
+    async def append(
+        self,
+        stream: str,
+        events: Sequence[tuple[str, str]],
+        retention: Retention | None = None,
+    ) -> list[Entry]:
+        """Append `(event type, data)` pairs in order; returns the new entries.
+
+        Creates the stream when absent, then trims it to `retention` (None: the broker's
+        default). Raises `StreamClosed` when it was closed and
+        `BrokerUnavailable` when the backing service is down.
+        """
+
+    @abc.abstractmethod
+    async def read(self, stream: str, after: str | None, limit: int = 1000) -> Batch:
+        """Entries after the cursor `after` (None: from the oldest retained), at most `limit`."""
+
+    @abc.abstractmethod
+    def tail(self, stream: str, after: str | None) -> AsyncIterator[Batch]:
+        """Batches after `after`: first what is retained, then each new batch as it lands.
+
+        A batch carries every entry appended since the previous one, so a reader that was
+        busy gets one batch, not one wake-up per entry. Ends after the batch with
+        `closed=True`. `after=None` starts at the oldest retained entry; to start live,
+        pass `last_id` from `info`.
+        """
+
+    @abc.abstractmethod
+    async def close(self, stream: str, expire_after: float | None = None) -> None:
+        """Mark the stream closed: tails end; later appends raise `StreamClosed`.
+
+        A closed stream stays readable, and known to be closed, for `expire_after`
+        seconds (None: the broker's default), then it is deleted.
+        """
+
+    @abc.abstractmethod
+    async def info(self, stream: str) -> StreamInfo | None:
+        """What the broker knows of the stream, or None when it does not exist."""
+
+    @abc.abstractmethod
+    async def delete(self, stream: str) -> None:
+        """Forget the stream and its entries at once."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release connections and background tasks."""

@@ -1,0 +1,61 @@
+"""Events to bytes (WHATWG HTML, "Server-sent events", section 9.2.5 "Event stream format")."""
+
+from __future__ import annotations
+
+import re
+
+from ssehub.protocol._events import ServerSentEvent
+
+# A line ends with CRLF, LF or CR (stream grammar: `end-of-line`).
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_FORBIDDEN_IN_FIELD = re.compile(r"[\r\n\0]")
+
+
+def encode_data(data: str) -> bytes:
+    """Fast path for the common event: type `message`, no id, no retry."""
+    if "\n" in data or "\r" in data:
+        return encode(ServerSentEvent(data=data))
+    return b"data: " + data.encode() + b"\n\n"
+
+
+def encode(event: ServerSentEvent) -> bytes:
+    """The wire form of `event`, ending with the blank line that dispatches it.
+
+    Raises ValueError when `event.event` or `event.id` holds CR, LF or NUL: the line would
+    end early and the rest would be read as other fields.
+    """
+    parts: list[str] = []
+    if event.event != "message":
+        if _FORBIDDEN_IN_FIELD.search(event.event):
+            raise ValueError(f"event type must not contain CR, LF or NUL: {event.event!r}")
+        parts.append(f"event: {event.event}\n")
+    if event.id is not None:
+        if _FORBIDDEN_IN_FIELD.search(event.id):
+            raise ValueError(f"event id must not contain CR, LF or NUL: {event.id!r}")
+        parts.append(f"id: {event.id}\n")
+    if event.retry is not None:
+        if event.retry < 0:
+            raise ValueError(f"retry must be a non-negative integer: {event.retry!r}")
+        parts.append(f"retry: {int(event.retry)}\n")
+    data = event.data
+    if "\n" in data or "\r" in data:
+        # Each line becomes one `data:` field; the decoder joins them with LF.
+        parts.extend(f"data: {line}\n" for line in _LINE_BREAK.split(data))
+    else:
+        parts.append(f"data: {data}\n")
+    parts.append("\n")
+    return "".join(parts).encode()
+
+
+def encode_comment(text: str = "") -> bytes:
+    """A comment block (heartbeat): ignored by decoders, keeps proxies and clients awake."""
+    if not text:
+        return b":\n\n"
+    return "".join(f": {line}\n" for line in _LINE_BREAK.split(text)).encode() + b"\n"
+
+
+def encode_retry(milliseconds: int) -> bytes:
+    """A block that only sets the client's reconnection time."""
+    if milliseconds < 0:
+        raise ValueError(f"retry must be a non-negative integer: {milliseconds!r}")
+    return b"retry: %d\n\n" % milliseconds
