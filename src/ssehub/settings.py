@@ -49,9 +49,7 @@ class Settings:
     detach_grace: float = _opt(
         5.0, "Seconds a completion keeps generating with no client reading it."
     )
-    completion_retention: float = _opt(
-        600.0, "Seconds a finished completion stays resumable."
-    )
+    completion_retention: float = _opt(600.0, "Seconds a finished completion stays resumable.")
     first_token_heartbeat: float = _opt(
         5.0, "Seconds between heartbeat comments while waiting for a model's first token."
     )

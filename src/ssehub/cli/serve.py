@@ -15,9 +15,10 @@ from ssehub.settings import Settings, setting_fields
 ENV_PREFIX = "SSEHUB_"
 
 
-def _click_type(annotation: Any) -> Any:
+def _click_type(name: str) -> Any:
+    """The type of setting `name`, without its `| None`."""
     # `from __future__ import annotations` leaves the annotations as strings.
-    hint = typing.get_type_hints(Settings)[annotation] if isinstance(annotation, str) else annotation
+    hint = typing.get_type_hints(Settings)[name]
     if isinstance(hint, types.UnionType):
         (hint,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
     return hint
