@@ -1,6 +1,8 @@
 """ssehub: Server-Sent Events done properly."""
 
 from ssehub.protocol import (
+    Decoder,
+    EventTooLarge,
     ServerSentEvent,
     encode,
     encode_comment,
@@ -9,6 +11,8 @@ from ssehub.protocol import (
 )
 
 __all__ = [
+    "Decoder",
+    "EventTooLarge",
     "ServerSentEvent",
     "encode",
     "encode_comment",
