@@ -1,0 +1,215 @@
+"""The OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions, /v1/models,
+and ssehub's own /v1/chat/completions/{id}/stream and /cancel."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from ssehub.broker import Broker
+from ssehub.gateway.chunks import ChunkFactory, Tally, model_object, new_completion_id
+from ssehub.gateway.demo import DEMO_MODEL, demo_chunks, demo_completion
+from ssehub.gateway.metrics import GatewayMetrics
+from ssehub.gateway.runs import Runs, run_stream
+from ssehub.gateway.schema import GatewayError, Kind, parse_request
+from ssehub.gateway.upstream import Upstream, relay_chunks
+from ssehub.settings import Settings
+
+log = logging.getLogger("ssehub.gateway")
+
+# Completion ids are ours (`chatcmpl-<hex>`, `cmpl-<hex>`), but upstreams' ids look alike;
+# anything else in the path is not a completion and must not name a broker log.
+_COMPLETION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
+
+_STREAM_HEADERS = {
+    "cache-control": "no-cache",
+    # nginx buffers proxied responses unless told not to; a buffered stream arrives in
+    # one piece at the end.
+    "x-accel-buffering": "no",
+}
+
+
+class Gateway:
+    """What the gateway endpoints share in one app: runs, the upstream, metrics."""
+
+    def __init__(self, settings: Settings, broker: Broker, registry: Any = None) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.metrics = GatewayMetrics(registry)
+        self.runs = Runs(
+            broker,
+            self.metrics,
+            detach_grace=settings.detach_grace,
+            retention=settings.completion_retention,
+            heartbeat=settings.first_token_heartbeat,
+        )
+        self.upstream = (
+            Upstream(settings.upstream, settings.upstream_api_key) if settings.upstream else None
+        )
+
+    async def aclose(self) -> None:
+        await self.runs.aclose()
+        if self.upstream is not None:
+            await self.upstream.aclose()
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway = request.app.state.gateway
+    assert isinstance(gateway, Gateway)
+    return gateway
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status, media_type="application/json")
+
+
+def error_response(error: GatewayError) -> Response:
+    return json_response(error.body(), error.status)
+
+
+def event_stream(body: AsyncIterator[bytes], completion_id: str) -> Response:
+    return StreamingResponse(
+        body,
+        media_type="text/event-stream; charset=utf-8",
+        headers={**_STREAM_HEADERS, "ssehub-completion-id": completion_id},
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    body = b""
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise GatewayError(413, f"The request body is larger than {limit} bytes.")
+    return body
+
+
+async def _complete(request: Request, kind: Kind) -> Response:
+    gateway = _gateway(request)
+    settings = gateway.settings
+    try:
+        completion = parse_request(await _read_body(request, settings.max_body), kind)
+        tally = Tally()
+        if completion.model == DEMO_MODEL:
+            factory = ChunkFactory.start(kind, DEMO_MODEL, completion.include_usage)
+            if not completion.stream:
+                return json_response(demo_completion(completion, factory))
+            completion_id = factory.id
+            backend = "demo"
+            source = demo_chunks(completion, factory, settings.demo_delay, tally)
+        else:
+            if gateway.upstream is None:
+                raise GatewayError(
+                    404,
+                    f"The model '{completion.model}' does not exist. This server serves "
+                    f"only '{DEMO_MODEL}'; start it with --upstream URL to relay others.",
+                    param="model",
+                    code="model_not_found",
+                )
+            path = "/chat/completions" if kind == "chat" else "/completions"
+            authorization = request.headers.get("authorization")
+            if not completion.stream:
+                status, content = await gateway.upstream.post(path, completion.body, authorization)
+                return Response(content, status, media_type="application/json")
+            upstream = await gateway.upstream.open_stream(path, completion.body, authorization)
+            completion_id = new_completion_id(kind)
+            backend = "upstream"
+            source = relay_chunks(upstream, completion_id, tally)
+    except GatewayError as error:
+        return error_response(error)
+    gateway.runs.start(completion_id, backend, source, tally)
+    return event_stream(gateway.runs.read(completion_id, None), completion_id)
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _complete(request, "chat")
+
+
+async def completions(request: Request) -> Response:
+    return await _complete(request, "text")
+
+
+async def models(request: Request) -> Response:
+    gateway = _gateway(request)
+    data = [model_object(DEMO_MODEL, "ssehub")]
+    if gateway.upstream is not None:
+        try:
+            upstream_models = await gateway.upstream.models(request.headers.get("authorization"))
+        except GatewayError as error:
+            # The demo stays usable, and a UI can still list it, when the upstream is down.
+            log.warning("cannot list the upstream's models: %s", error.message)
+        else:
+            data.extend(m for m in upstream_models if m["id"] != DEMO_MODEL)
+    return json_response({"object": "list", "data": data})
+
+
+def _completion_id(request: Request) -> str:
+    completion_id = str(request.path_params["completion_id"])
+    if not _COMPLETION_ID.match(completion_id):
+        raise _not_found(completion_id)
+    return completion_id
+
+
+def _not_found(completion_id: str) -> GatewayError:
+    return GatewayError(
+        404,
+        f"No completion '{completion_id}': unknown, or its retention time is over.",
+        param="id",
+        code="completion_not_found",
+    )
+
+
+async def resume(request: Request) -> Response:
+    """Replay a completion's stream after a cursor and follow it to `[DONE]`."""
+    gateway = _gateway(request)
+    try:
+        completion_id = _completion_id(request)
+        if await gateway.broker.info(run_stream(completion_id)) is None:
+            raise _not_found(completion_id)
+    except GatewayError as error:
+        return error_response(error)
+    cursor = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    return event_stream(gateway.runs.read(completion_id, cursor or None), completion_id)
+
+
+async def cancel(request: Request) -> Response:
+    gateway = _gateway(request)
+    try:
+        completion_id = _completion_id(request)
+        if not await gateway.runs.cancel(completion_id):
+            info = await gateway.broker.info(run_stream(completion_id))
+            if info is None:
+                raise _not_found(completion_id)
+            if info.closed:
+                raise GatewayError(
+                    409, f"The completion '{completion_id}' has already ended.", code="ended"
+                )
+            raise GatewayError(
+                409,
+                f"The completion '{completion_id}' runs in another server process; "
+                "cancel it there.",
+                code="not_local",
+            )
+    except GatewayError as error:
+        return error_response(error)
+    return json_response({"id": completion_id, "object": "completion.cancel", "cancelled": True})
+
+
+def gateway_routes() -> list[BaseRoute]:
+    """The gateway's routes; the app puts a `Gateway` in `app.state.gateway`."""
+    routes: list[BaseRoute] = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+    ]
+    for prefix in ("/v1/chat/completions", "/v1/completions"):
+        routes.append(Route(prefix + "/{completion_id}/stream", resume, methods=["GET"]))
+        routes.append(Route(prefix + "/{completion_id}/cancel", cancel, methods=["POST"]))
+    return routes
