@@ -7,6 +7,7 @@ To run the suite against another broker, add its name to `BROKERS` and a branch 
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -28,7 +29,27 @@ async def memory_broker(
         await broker.aclose()
 
 
-BROKERS: dict[str, BrokerFactory] = {"memory": memory_broker}
+@contextlib.asynccontextmanager
+async def redis_broker(
+    retention: Retention | None = None, closed_ttl: float = 3600.0
+) -> AsyncIterator[Broker]:
+    # A session-wide private redis-server; a fresh key prefix makes each broker empty.
+    from redis_server import shared_redis_url
+    from ssehub.broker.redis import RedisBroker
+
+    broker = RedisBroker(
+        shared_redis_url(),
+        retention=retention,
+        closed_ttl=closed_ttl,
+        prefix=f"test-{uuid.uuid4().hex}:",
+    )
+    try:
+        yield broker
+    finally:
+        await broker.aclose()
+
+
+BROKERS: dict[str, BrokerFactory] = {"memory": memory_broker, "redis": redis_broker}
 
 
 @pytest.fixture(params=sorted(BROKERS))

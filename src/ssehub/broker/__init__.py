@@ -1,6 +1,7 @@
 """Append-only event logs behind every stream: in memory or in Redis."""
 
 from ssehub.broker.base import (
+    PRODUCER_LOST,
     Batch,
     Broker,
     BrokerError,
@@ -14,6 +15,7 @@ from ssehub.broker.base import (
 )
 
 __all__ = [
+    "PRODUCER_LOST",
     "Batch",
     "Broker",
     "BrokerError",

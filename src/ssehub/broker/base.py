@@ -14,6 +14,7 @@ time, so a cursor from an earlier process is never mistaken for a newer event.
 from __future__ import annotations
 
 import abc
+import contextlib
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,14 @@ from dataclasses import dataclass, field
 from ssehub.protocol import ServerSentEvent, encode
 
 _ID = re.compile(r"(\d{1,20})-(\d{1,20})\Z")
+
+
+# What readers get when a stream's producer stopped without closing it (see `Broker.lease`).
+PRODUCER_LOST = (
+    "error",
+    '{"error": {"message": "the process producing this stream stopped", '
+    '"type": "producer_lost", "param": null, "code": null}}',
+)
 
 
 class BrokerError(Exception):
@@ -148,3 +157,29 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Release connections and background tasks."""
+
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, stream: str, ttl: float = 5.0, lost: tuple[str, str] | None = None
+    ) -> AsyncIterator[None]:
+        """Hold `stream` as its only producer while inside this context.
+
+        Leaving without having closed the stream appends `lost` (an `(event, data)` pair;
+        default `PRODUCER_LOST`) and closes it, so its readers never wait on a stream that
+        nobody writes. With a broker shared by processes (Redis), the lease is renewed
+        every `ttl / 3` seconds and readers anywhere do the same once it lapses for `ttl`
+        seconds: the producer's process died. In one process that cannot happen apart
+        from the readers, so only the leaving is watched.
+        """
+        try:
+            yield
+        finally:
+            info = await self.info(stream)
+            if info is None or not info.closed:
+                with contextlib.suppress(StreamClosed):
+                    await self.append(stream, [lost or PRODUCER_LOST])
+                await self.close(stream)
+
+    async def ping(self) -> bool:
+        """Whether the backing service answers now (for /healthz); always True in memory."""
+        return True

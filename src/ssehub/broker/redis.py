@@ -1,0 +1,658 @@
+"""`RedisBroker`: the broker contract on Redis Streams, shared by every process and node.
+
+Each log is one Redis stream (`<prefix>s:<stream>`), so ids are the ids Redis hands out
+and a cursor from any node is a cursor on every other. Retention trims with exact `MAXLEN`
+and `MINID` (Redis time minus `max_age`), exact because `Retention` is an upper bound.
+
+A closed stream ends with a tombstone entry (field `c`) and an expiry on its key: the
+tombstone travels through the same `XREAD` as the events, so a tail on any node sees
+"closed" right after the last event, in order, with no second channel to race.
+
+Live delivery: one reader task per process blocks in a single `XREAD` over every stream
+tailed here and fans each fetch out to the local tails through a shared `_Feed` (the
+entries are decoded and SSE-encoded once per process). A new stream wakes the blocked
+read through a private wake stream. Tails never hold a Redis connection; a tail that
+falls behind the feed's window reads the log itself, which is also where gaps are found.
+
+Leases: a producer (a completion run) holds `lease(stream)`; if its process dies, the
+lease deadline passes, and the first idle reader anywhere appends the producer's `lost`
+event and closes the stream, so readers never hang on a stream nobody writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import cast
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from ssehub.broker.base import (
+    PRODUCER_LOST,
+    Batch,
+    Broker,
+    BrokerError,
+    BrokerUnavailable,
+    Entry,
+    Retention,
+    StreamClosed,
+    StreamInfo,
+    parse_id,
+)
+
+log = logging.getLogger("ssehub.broker.redis")
+
+_EVENT, _DATA, _CLOSED = "e", "d", "c"
+_CLOSED_ERROR = "SSEHUB_CLOSED"
+_ZERO = "0-0"
+# Entries a feed keeps for its tails; a tail further behind reads the log in Redis.
+_FEED_WINDOW = 4096
+
+# The Lua scripts run atomically in Redis: "is it closed?" and the write that depends on
+# the answer cannot be split by another node's close. Ages use Redis's clock (TIME), the
+# same clock that makes the ids, so nodes with skewed clocks still agree.
+_NOW_MS = (
+    "local t = redis.call('TIME') "
+    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
+)
+_IS_CLOSED = (
+    "local function is_closed(key) "
+    "local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1) "
+    "return #last > 0 and last[1][2][1] == 'c' end"
+)
+
+# KEYS: stream. ARGV: max_len ('' = none), max_age ms ('' = none), then event, data pairs.
+_APPEND = f"""
+{_IS_CLOSED}
+if is_closed(KEYS[1]) then return redis.error_reply('{_CLOSED_ERROR}') end
+local ids = {{}}
+for i = 3, #ARGV, 2 do
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'e', ARGV[i], 'd', ARGV[i + 1])
+end
+-- XTRIM does not record what it removed, so the newest removed id is looked up first
+-- and kept as the stream's max-deleted-entry-id: `read` tells a gap by it.
+local deleted = nil
+if ARGV[1] ~= '' then
+  local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[1])
+  if excess > 0 then
+    local old = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
+    deleted = old[#old][1]
+    redis.call('XTRIM', KEYS[1], 'MAXLEN', '=', ARGV[1])
+  end
+end
+if ARGV[2] ~= '' then
+  {_NOW_MS}
+  local oldest = string.format('%d', now - tonumber(ARGV[2]))
+  if tonumber(oldest) > 0 then
+    local old = redis.call('XREVRANGE', KEYS[1], '(' .. oldest .. '-0', '-', 'COUNT', 1)
+    if #old > 0 then
+      deleted = old[1][1]
+      redis.call('XTRIM', KEYS[1], 'MINID', '=', oldest .. '-0')
+    end
+  end
+end
+if deleted then redis.call('XSETID', KEYS[1], ids[#ids], 'MAXDELETEDID', deleted) end
+return ids
+"""
+
+# KEYS: stream, lease. ARGV: expire ms.
+_CLOSE = f"""
+{_IS_CLOSED}
+if not is_closed(KEYS[1]) then redis.call('XADD', KEYS[1], '*', 'c', '1') end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+# KEYS: stream, lease. ARGV: ttl ms, keep ms, lost event, lost data.
+# Returns 0 when the stream is already closed: the holder lost it and should stop.
+_RENEW = f"""
+{_IS_CLOSED}
+if is_closed(KEYS[1]) then return 0 end
+{_NOW_MS}
+redis.call('HSET', KEYS[2], 'deadline', now + tonumber(ARGV[1]), 'e', ARGV[3], 'd', ARGV[4])
+local keep = tonumber(ARGV[1]) + tonumber(ARGV[2])
+redis.call('PEXPIRE', KEYS[2], keep)
+-- Should the holder die and nobody come to read, the stream still goes away.
+redis.call('PEXPIRE', KEYS[1], keep)
+return 1
+"""
+
+# KEYS: stream, lease. ARGV: keep ms, '1' to end it now (the holder left without closing).
+# Returns 1 when it ended the stream with the holder's `lost` event.
+_REAP = f"""
+local lease = redis.call('HMGET', KEYS[2], 'deadline', 'e', 'd')
+if not lease[1] then return 0 end
+if ARGV[2] ~= '1' then
+  {_NOW_MS}
+  if tonumber(lease[1]) >= now then return 0 end
+end
+redis.call('DEL', KEYS[2])
+{_IS_CLOSED}
+if is_closed(KEYS[1]) then return 0 end
+redis.call('XADD', KEYS[1], '*', 'e', lease[2], 'd', lease[3])
+redis.call('XADD', KEYS[1], '*', 'c', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    OSError,
+)
+
+
+_Items = Sequence[tuple[str, dict[str, str]]]
+
+
+def _key_of(entry: Entry) -> tuple[int, int]:
+    return entry.key
+
+
+def _after(entries: Sequence[Entry], key: tuple[int, int]) -> Sequence[Entry]:
+    return entries[bisect.bisect_right(entries, key, key=_key_of) :]
+
+
+def _entries(items: Sequence[tuple[str, dict[str, str]]]) -> tuple[list[Entry], bool]:
+    """Stream items as entries, and whether the tombstone was among them."""
+    entries: list[Entry] = []
+    for entry_id, fields in items:
+        if _CLOSED in fields:
+            return entries, True
+        entries.append(Entry.make(entry_id, fields.get(_EVENT, "message"), fields.get(_DATA, "")))
+    return entries, False
+
+
+class _Feed:
+    """One stream tailed in this process: the reader's cursor and the entries it fetched.
+
+    `entries` hold every entry after `covered` up to `cursor`; a tail at or past
+    `covered` takes its batch from here, one further behind reads Redis.
+    """
+
+    __slots__ = (
+        "changed",
+        "closed",
+        "covered",
+        "cursor",
+        "entries",
+        "epoch",
+        "idle_since",
+        "key",
+        "stream",
+        "tails",
+    )
+
+    def __init__(self, stream: str, key: str, cursor: str) -> None:
+        self.stream = stream
+        self.key = key
+        self.tails = 0
+        self.cursor = cursor
+        self.covered = parse_id(cursor) or (0, 0)
+        self.entries: list[Entry] = []
+        self.closed = False
+        # Bumped when Redis came back: tails re-check their cursor against the log.
+        self.epoch = 0
+        self.idle_since = time.monotonic()
+        self.changed = asyncio.Event()
+
+    def push(self, entries: list[Entry], closed: bool) -> None:
+        self.entries.extend(entries)
+        if len(self.entries) > _FEED_WINDOW:
+            drop = len(self.entries) - _FEED_WINDOW // 2
+            self.covered = self.entries[drop - 1].key
+            del self.entries[:drop]
+        self.closed = self.closed or closed
+        self.idle_since = time.monotonic()
+        self.wake()
+
+    def reset(self) -> None:
+        self.entries.clear()
+        self.covered = parse_id(self.cursor) or (0, 0)
+        self.epoch += 1
+        self.wake()
+
+    def wake(self) -> None:
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+
+class RedisBroker(Broker):
+    """Logs as Redis Streams at `url` (`redis://host:port/db`); see the module docstring.
+
+    `retention` applies when `append` is given none; a closed stream is deleted
+    `closed_ttl` seconds after `close` unless told otherwise. `prefix` starts every key.
+    `lease_check` is how often idle tails ask whether a stream's producer is still alive.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        retention: Retention | None = None,
+        closed_ttl: float = 3600.0,
+        prefix: str = "ssehub:",
+        max_connections: int = 32,
+        timeout: float = 5.0,
+        block: float = 5.0,
+        lease_check: float = 1.0,
+    ) -> None:
+        self.url = url
+        self.retention = retention or Retention()
+        self.closed_ttl = closed_ttl
+        self.prefix = prefix
+        self.lease_check = lease_check
+        self._block_ms = int(block * 1000)
+        # One retry covers a pooled connection that died with a Redis restart; when Redis
+        # is down the connect is refused at once and the caller hears it fast.
+        retry = Retry(ExponentialBackoff(cap=0.2, base=0.02), 1)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout,
+            decode_responses=True,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            retry=retry,
+        )
+        self._redis = aioredis.Redis(connection_pool=pool)
+        # The reader's blocking XREAD holds its own connection for as long as it blocks.
+        self._reader_redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=timeout,
+            socket_timeout=block + timeout,
+            single_connection_client=True,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 0),
+        )
+        self._append = self._redis.register_script(_APPEND)
+        self._close = self._redis.register_script(_CLOSE)
+        self._renew = self._redis.register_script(_RENEW)
+        self._reap = self._redis.register_script(_REAP)
+        self._wake_key = f"{prefix}w:{uuid.uuid4().hex}"
+        self._feeds: dict[str, _Feed] = {}
+        self._feeds_changed = asyncio.Event()
+        self._available = True
+        self._back = asyncio.Event()
+        self._back.set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    # -- keys and errors --------------------------------------------------------------
+
+    def _stream_key(self, stream: str) -> str:
+        return f"{self.prefix}s:{stream}"
+
+    def _lease_key(self, stream: str) -> str:
+        return f"{self.prefix}l:{stream}"
+
+    @property
+    def available(self) -> bool:
+        """False from a failed Redis call until the next one that succeeds."""
+        return self._available
+
+    def _up(self) -> None:
+        if not self._available:
+            log.warning("redis at %s is reachable again", self.url)
+        self._available = True
+        self._back.set()
+
+    def _down(self, exc: BaseException) -> None:
+        if self._available:
+            log.warning("redis at %s is unavailable: %r", self.url, exc)
+        self._available = False
+        self._back.clear()
+
+    @contextlib.contextmanager
+    def _calling(self) -> Iterator[None]:
+        """Redis errors as broker errors; track whether Redis answers."""
+        try:
+            yield
+        except _UNAVAILABLE as exc:
+            self._down(exc)
+            raise BrokerUnavailable(f"redis at {self.url} is unavailable: {exc}") from exc
+        except redis_errors.ResponseError as exc:
+            if str(exc).startswith("LOADING"):
+                self._down(exc)
+                raise BrokerUnavailable(f"redis at {self.url} is loading its data") from exc
+            raise
+        self._up()
+
+    async def ping(self) -> bool:
+        """Whether Redis answers now."""
+        try:
+            with self._calling():
+                await self._redis.ping()
+        except BrokerError:
+            return False
+        return True
+
+    # -- the contract -----------------------------------------------------------------
+
+    async def append(
+        self,
+        stream: str,
+        events: Sequence[tuple[str, str]],
+        retention: Retention | None = None,
+    ) -> list[Entry]:
+        if not events:
+            return []
+        # Encode before writing, so an event the encoder refuses stores nothing.
+        checked = [Entry.make(_ZERO, event, data) for event, data in events]
+        retention = retention or self.retention
+        args: list[str] = [
+            "" if retention.max_len is None else str(retention.max_len),
+            "" if retention.max_age is None else str(int(retention.max_age * 1000)),
+        ]
+        for entry in checked:
+            args += (entry.event, entry.data)
+        try:
+            with self._calling():
+                ids = await self._append(keys=[self._stream_key(stream)], args=args)
+        except redis_errors.ResponseError as exc:
+            if _CLOSED_ERROR in str(exc):
+                raise StreamClosed(f"stream {stream!r} is closed") from None
+            raise BrokerError(f"append to {stream!r} failed: {exc}") from exc
+        return [Entry.make(i, e.event, e.data) for i, e in zip(ids, checked, strict=True)]
+
+    async def read(self, stream: str, after: str | None, limit: int = 1000) -> Batch:
+        key = self._stream_key(stream)
+        cursor = parse_id(after) if after is not None else None
+        if after is not None and cursor is None:
+            # Malformed: the reader is told, then gets everything from the oldest.
+            batch = await self._range(key, "-", limit)
+            return Batch(batch.entries, gap=True, closed=batch.closed)
+        if cursor is None:
+            return await self._range(key, "-", limit)
+        with self._calling():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xinfo_stream(key)
+                pipe.xrange(key, f"({after}", "+", count=limit + 1)
+                info, items = await pipe.execute(raise_on_error=False)
+        if isinstance(info, BaseException):
+            if "no such key" not in str(info).lower():
+                raise BrokerError(f"read of {stream!r} failed: {info}")
+            return Batch(())
+        assert not isinstance(items, BaseException), items
+        last = parse_id(info["last-generated-id"]) or (0, 0)
+        deleted = parse_id(info["max-deleted-entry-id"]) or (0, 0)
+        # As MemoryBroker: a cursor past the newest id is not of this stream, and one
+        # older than the newest trimmed id missed what was trimmed.
+        if cursor > last or cursor < deleted:
+            batch = await self._range(key, "-", limit)
+            return Batch(batch.entries, gap=True, closed=batch.closed)
+        return self._batch(items, limit)
+
+    async def _range(self, key: str, start: str, limit: int) -> Batch:
+        with self._calling():
+            items = await self._redis.xrange(key, start, "+", count=limit + 1)
+        return self._batch(cast(_Items, items), limit)
+
+    def _batch(self, items: Sequence[tuple[str, dict[str, str]]], limit: int) -> Batch:
+        entries, closed = _entries(items[: limit + 1])
+        if len(entries) > limit:
+            return Batch(entries[:limit])
+        return Batch(entries, closed=closed)
+
+    async def tail(self, stream: str, after: str | None) -> AsyncIterator[Batch]:
+        page = 1000
+        batch = await self.read(stream, after, page)
+        cursor = after if after is not None and not batch.gap else _ZERO
+        key = self._stream_key(stream)
+        # Catch up from the log itself, a page at a time, before joining the live feed.
+        while True:
+            if batch.entries:
+                cursor = batch.entries[-1].id
+            if batch.entries or batch.gap or batch.closed:
+                yield batch
+            if batch.closed:
+                return
+            if len(batch.entries) < page:
+                break
+            batch = await self.read(stream, cursor, page)
+        feed = await self._join(stream, key, cursor)
+        try:
+            epoch = feed.epoch
+            position = parse_id(cursor) or (0, 0)
+            while True:
+                changed = feed.changed
+                if feed.epoch != epoch or position < feed.covered:
+                    # Behind the feed's window, or Redis came back: ask the log, which
+                    # also tells whether anything after the cursor was lost.
+                    epoch = feed.epoch
+                    try:
+                        batch = await self.read(stream, cursor, page)
+                    except BrokerUnavailable:
+                        await self._back.wait()
+                        continue
+                    if batch.entries:
+                        cursor = batch.entries[-1].id
+                        position = batch.entries[-1].key
+                    elif batch.gap:
+                        cursor, position = _ZERO, (0, 0)
+                    if batch.entries or batch.gap or batch.closed:
+                        yield batch
+                    if batch.closed:
+                        return
+                    if len(batch.entries) == page:
+                        continue
+                else:
+                    entries = _after(feed.entries, position)
+                    if entries:
+                        closed = feed.closed and entries[-1] is feed.entries[-1]
+                        cursor, position = entries[-1].id, entries[-1].key
+                        yield Batch(entries, closed=closed)
+                        if closed:
+                            return
+                        continue
+                    if feed.closed:
+                        yield Batch((), closed=True)
+                        return
+                await changed.wait()
+        finally:
+            feed.tails -= 1
+            if feed.tails == 0 and self._feeds.get(key) is feed:
+                del self._feeds[key]
+
+    async def close(self, stream: str, expire_after: float | None = None) -> None:
+        ttl = self.closed_ttl if expire_after is None else expire_after
+        with self._calling():
+            await self._close(
+                keys=[self._stream_key(stream), self._lease_key(stream)],
+                args=[max(1, int(ttl * 1000))],
+            )
+
+    async def info(self, stream: str) -> StreamInfo | None:
+        key = self._stream_key(stream)
+        with self._calling():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xinfo_stream(key)
+                pipe.xrevrange(key, "+", "-", count=2)
+                info, newest = await pipe.execute(raise_on_error=False)
+        if isinstance(info, BaseException):
+            return None
+        assert not isinstance(newest, BaseException), newest
+        closed = bool(newest) and _CLOSED in newest[0][1]
+        length: int = info["length"] - closed
+        first = info["first-entry"]
+        last_id: str | None = info["last-generated-id"]
+        if closed:
+            last_id = newest[1][0] if len(newest) > 1 else None
+            if last_id is None and info["max-deleted-entry-id"] != _ZERO:
+                last_id = info["max-deleted-entry-id"]
+        elif last_id == _ZERO:
+            last_id = None
+        first_id = first[0] if first and length else None
+        return StreamInfo(first_id=first_id, last_id=last_id, length=length, closed=closed)
+
+    async def delete(self, stream: str) -> None:
+        key = self._stream_key(stream)
+        with self._calling():
+            # The tombstone wakes tails on other nodes before the key goes.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(key, {_CLOSED: "1"})
+                pipe.delete(key, self._lease_key(stream))
+                await pipe.execute()
+        feed = self._feeds.get(key)
+        if feed is not None:
+            feed.push([], closed=True)
+
+    async def aclose(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        for feed in self._feeds.values():
+            feed.push([], closed=True)
+        with contextlib.suppress(Exception):
+            await self._reader_redis.aclose()
+        with contextlib.suppress(Exception):
+            await self._redis.aclose()
+            await self._redis.connection_pool.disconnect()
+
+    # -- leases -----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, stream: str, ttl: float = 5.0, lost: tuple[str, str] | None = None
+    ) -> AsyncIterator[None]:
+        """Hold `stream` as its producer; see `Broker.lease`.
+
+        The lease is renewed every `ttl / 3` seconds; readers anywhere end the stream with
+        `lost` once it has not been renewed for `ttl` seconds.
+        """
+        event, data = lost or PRODUCER_LOST
+        keys = [self._stream_key(stream), self._lease_key(stream)]
+        args: list[str | int] = [int(ttl * 1000), int(self.closed_ttl * 1000), event, data]
+        with self._calling():
+            await self._renew(keys=keys, args=args)
+        renewing = asyncio.create_task(self._renew_lease(keys, args, ttl / 3))
+        try:
+            yield
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+            # Leaving without closing ends the stream with `lost` now: never one that hangs.
+            with contextlib.suppress(BrokerError), self._calling():
+                await self._reap(keys=keys, args=[int(self.closed_ttl * 1000), "1"])
+
+    async def _renew_lease(self, keys: list[str], args: list[str | int], every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                with self._calling():
+                    if not await self._renew(keys=keys, args=args):
+                        return  # closed, by us or by a reader that found the lease lapsed
+            except BrokerError as exc:
+                log.warning("could not renew the lease on %s: %s", keys[0], exc)
+
+    # -- the reader -------------------------------------------------------------------
+
+    async def _join(self, stream: str, key: str, cursor: str) -> _Feed:
+        feed = self._feeds.get(key)
+        # A closed feed is stale here: this tail's own read found the stream open (it was
+        # deleted and begun again), so it needs a feed of its own.
+        if feed is not None and not feed.closed:
+            feed.tails += 1
+            return feed
+        feed = self._feeds[key] = _Feed(stream, key, cursor)
+        feed.tails += 1
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._read_feeds(), name="ssehub-redis-reader"),
+                asyncio.create_task(self._watch_leases(), name="ssehub-redis-leases"),
+            ]
+        self._feeds_changed.set()
+        # Interrupt the blocked XREAD so that the next one includes this stream.
+        with contextlib.suppress(BrokerError), self._calling():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+                pipe.expire(self._wake_key, 3600)
+                await pipe.execute()
+        return feed
+
+    async def _read_feeds(self) -> None:
+        wake_cursor = _ZERO
+        backoff = 0.05
+        lost = False
+        while not self._closing:
+            if not self._feeds:
+                self._feeds_changed.clear()
+                await self._feeds_changed.wait()
+                continue
+            streams = {f.key: f.cursor for f in self._feeds.values() if not f.closed}
+            streams[self._wake_key] = wake_cursor
+            try:
+                if lost:
+                    await self._reader_redis.ping()
+                    lost = False
+                    self._up()
+                    # Redis is back: every tail checks its cursor against the log once,
+                    # which finds what Redis kept and tells of what it lost.
+                    for feed in self._feeds.values():
+                        feed.reset()
+                reply = await self._reader_redis.xread(
+                    streams,  # type: ignore[arg-type]
+                    count=1000,
+                    block=self._block_ms,
+                )
+            except _UNAVAILABLE as exc:
+                self._down(exc)
+                lost = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            except redis_errors.ResponseError as exc:
+                self._down(exc)  # LOADING after a restart
+                lost = True
+                await asyncio.sleep(backoff)
+                continue
+            backoff = 0.05
+            self._up()
+            for key, items in cast(list[tuple[str, _Items]], reply or []):
+                if key == self._wake_key:
+                    wake_cursor = items[-1][0]
+                    continue
+                fed = self._feeds.get(key)
+                if fed is None or not items:
+                    continue
+                entries, closed = _entries(items)
+                fed.cursor = items[-1][0]
+                fed.push(entries, closed)
+
+    async def _watch_leases(self) -> None:
+        """Every `lease_check` seconds, ask for idle streams whether their producer lapsed."""
+        keep = int(self.closed_ttl * 1000)
+        while not self._closing:
+            await asyncio.sleep(self.lease_check)
+            now = time.monotonic()
+            idle = [
+                f.stream
+                for f in self._feeds.values()
+                if not f.closed and now - f.idle_since >= self.lease_check
+            ]
+            if not idle or not self._available:
+                continue
+            try:
+                with self._calling():
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for stream in idle:
+                            keys = [self._stream_key(stream), self._lease_key(stream)]
+                            await self._reap(keys=keys, args=[keep, "0"], client=pipe)
+                        await pipe.execute()
+            except BrokerError as exc:
+                log.debug("lease check failed: %s", exc)
