@@ -269,6 +269,7 @@ class Runs:
             self.attach(run)
         tail = self._broker.tail(run_stream(completion_id), after)
         pending: asyncio.Future[Batch] | None = None
+        cursor = after
         try:
             while True:
                 if pending is None:
@@ -281,8 +282,15 @@ class Runs:
                 try:
                     batch = await pending
                 except StopAsyncIteration:
+                    # A tail should end with a `closed` batch; if it ends early (the log
+                    # expired, a broker's race), what is left is read directly.
+                    pending = None
+                    async for rest in self._drain(completion_id, cursor):
+                        yield rest
                     return
                 pending = None
+                if batch.entries:
+                    cursor = batch.entries[-1].id
                 parts: list[bytes] = []
                 if batch.gap:
                     first = batch.entries[0].id if batch.entries else None
@@ -301,6 +309,16 @@ class Runs:
             if pending is not None:
                 pending.cancel()
             await _aclose(tail)
+
+    async def _drain(self, completion_id: str, cursor: str | None) -> AsyncIterator[bytes]:
+        while True:
+            batch = await self._broker.read(run_stream(completion_id), cursor)
+            if not batch.entries or batch.gap:
+                return
+            cursor = batch.entries[-1].id
+            yield b"".join(entry.wire for entry in batch.entries)
+            if batch.closed:
+                return
 
     async def aclose(self) -> None:
         """Stop every run (their logs get an error event and `[DONE]`) and wait for them."""

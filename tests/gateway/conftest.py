@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from fake_upstream import FakeUpstream
+
+from ssehub.settings import Settings
+
+from _support import serve_in_thread
+
+ServeGateway = Callable[..., contextlib.AbstractContextManager[str]]
+
+
+def _app(settings: Settings) -> Any:
+    try:
+        from ssehub.server.app import create_app
+    except ImportError:  # the hub's app is not there yet: the gateway routes alone
+        from starlette.applications import Starlette
+
+        from ssehub.broker.memory import MemoryBroker
+        from ssehub.gateway import Gateway, gateway_routes
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Any) -> Any:
+            app.state.gateway = Gateway(settings, MemoryBroker())
+            yield
+            await app.state.gateway.aclose()
+
+        return Starlette(routes=gateway_routes(), lifespan=lifespan)
+    return create_app(settings)
+
+
+@pytest.fixture
+def fake_upstream() -> Iterator[tuple[str, FakeUpstream]]:
+    fake = FakeUpstream()
+    with serve_in_thread(fake) as url:
+        yield url + "/v1", fake
+
+
+@pytest.fixture
+def serve_gateway() -> ServeGateway:
+    """`with serve_gateway(**settings) as url:` a real gateway server on a free port."""
+
+    @contextlib.contextmanager
+    def serve(**changes: Any) -> Iterator[str]:
+        settings = Settings(demo_delay=0.0, first_token_heartbeat=5.0).replace(**changes)
+        with serve_in_thread(_app(settings)) as url:
+            yield url
+
+    return serve
