@@ -1,0 +1,22 @@
+"""The hub server: channels over HTTP, the fan-out, and `EventStreamResponse` for apps."""
+
+from ssehub.server.app import create_app, create_app_from_env
+from ssehub.server.hub import (
+    ConnectionInfo,
+    Hub,
+    HubStats,
+    InvalidChannel,
+    InvalidEvent,
+)
+from ssehub.server.responses import EventStreamResponse
+
+__all__ = [
+    "ConnectionInfo",
+    "EventStreamResponse",
+    "Hub",
+    "HubStats",
+    "InvalidChannel",
+    "InvalidEvent",
+    "create_app",
+    "create_app_from_env",
+]

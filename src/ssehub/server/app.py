@@ -1,0 +1,141 @@
+"""`create_app`: the ssehub server as one Starlette app (channels, admin, jobs demo, ...).
+
+The Hub is `app.state.hub`, the settings `app.state.settings`. Add routes to the list in
+`create_app`; coroutines appended to `app.state.cleanups` run at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import FrameType
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from ssehub.broker import Broker, Retention
+from ssehub.broker.memory import MemoryBroker
+from ssehub.server.admin import admin_routes
+from ssehub.server.channels import ChannelEndpoint
+from ssehub.server.hub import Hub
+from ssehub.server.jobs import job_routes
+from ssehub.settings import Settings
+
+logger = logging.getLogger("ssehub.server")
+
+_SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def make_broker(settings: Settings) -> Broker:
+    """The broker `settings` ask for: Redis when `redis_url` is set, else process memory."""
+    retention = Retention(max_len=settings.retention_count, max_age=settings.retention_seconds)
+    if settings.redis_url:
+        from ssehub.broker.redis import RedisBroker
+
+        return RedisBroker(
+            settings.redis_url, retention=retention, closed_ttl=settings.retention_seconds
+        )
+    return MemoryBroker(retention=retention, closed_ttl=settings.retention_seconds)
+
+
+def make_hub(settings: Settings, broker: Broker) -> Hub:
+    return Hub(
+        broker,
+        heartbeat=settings.heartbeat,
+        max_pending=settings.max_pending,
+        send_timeout=settings.send_timeout,
+        closed_ttl=settings.retention_seconds,
+    )
+
+
+@contextlib.contextmanager
+def ending_streams_on_signals(hub: Hub) -> Any:
+    """On SIGINT/SIGTERM, end open streams at once, then let the server's own handler run.
+
+    uvicorn drains connections before it runs the lifespan shutdown, so without this an
+    SSE stream (which never ends by itself) would hold the shutdown for the whole grace
+    period. The previous handler is chained, not replaced, and restored afterwards.
+    Signals can only be handled in the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(hub.begin_shutdown)
+        prev = previous.get(signum)
+        if callable(prev):
+            prev(signum, frame)
+        elif prev == signal.SIG_DFL and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    for sig in _SHUTDOWN_SIGNALS:
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for signum, prev in previous.items():
+            if signal.getsignal(signum) is handler:
+                signal.signal(signum, prev)
+
+
+def create_app(settings: Settings | None = None, *, broker: Broker | None = None) -> Starlette:
+    """The ssehub ASGI app. `broker` overrides the one `settings` would make (and is then
+    not closed by the app)."""
+    settings = settings or Settings()
+    owns_broker = broker is None
+    broker = broker if broker is not None else make_broker(settings)
+    hub = make_hub(settings, broker)
+    cleanups: list[Callable[[], Awaitable[None]]] = []
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "connections": hub.stats().connections})
+
+    channels = ChannelEndpoint(
+        hub, publish_token=settings.publish_token, max_body=settings.max_body
+    )
+    routes: list[BaseRoute] = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/channels/{name:path}", channels, methods=["GET", "HEAD", "POST", "DELETE"]),
+        *admin_routes(hub, settings.admin_token),
+        *job_routes(hub, settings.publish_token, settings.max_body),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await hub.start()
+        try:
+            with ending_streams_on_signals(hub):
+                yield
+        finally:
+            hub.begin_shutdown()
+            for cleanup in reversed(cleanups):
+                try:
+                    await cleanup()
+                except Exception:
+                    logger.exception("cleanup %r failed", cleanup)
+            await hub.stop()
+            if owns_broker:
+                await broker.aclose()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.hub = hub
+    app.state.settings = settings
+    app.state.cleanups = cleanups
+    return app
+
+
+def create_app_from_env() -> Starlette:
+    """`create_app` with settings from `SSEHUB_*` variables (uvicorn's factory for workers)."""
+    from ssehub.cli.serve import settings_from_env
+
+    return create_app(settings_from_env())
