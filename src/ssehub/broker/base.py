@@ -25,10 +25,12 @@ _ID = re.compile(r"(\d{1,20})-(\d{1,20})\Z")
 
 
 # What readers get when a stream's producer stopped without closing it (see `Broker.lease`).
-PRODUCER_LOST = (
-    "error",
-    '{"error": {"message": "the process producing this stream stopped", '
-    '"type": "producer_lost", "param": null, "code": null}}',
+PRODUCER_LOST: tuple[tuple[str, str], ...] = (
+    (
+        "error",
+        '{"error": {"message": "the process producing this stream stopped", '
+        '"type": "producer_lost", "param": null, "code": null}}',
+    ),
 )
 
 
@@ -160,11 +162,11 @@ class Broker(abc.ABC):
 
     @contextlib.asynccontextmanager
     async def lease(
-        self, stream: str, ttl: float = 5.0, lost: tuple[str, str] | None = None
+        self, stream: str, ttl: float = 5.0, lost: Sequence[tuple[str, str]] | None = None
     ) -> AsyncIterator[None]:
         """Hold `stream` as its only producer while inside this context.
 
-        Leaving without having closed the stream appends `lost` (an `(event, data)` pair;
+        Leaving without having closed the stream appends `lost` (`(event, data)` pairs;
         default `PRODUCER_LOST`) and closes it, so its readers never wait on a stream that
         nobody writes. With a broker shared by processes (Redis), the lease is renewed
         every `ttl / 3` seconds and readers anywhere do the same once it lapses for `ttl`
@@ -177,7 +179,7 @@ class Broker(abc.ABC):
             info = await self.info(stream)
             if info is None or not info.closed:
                 with contextlib.suppress(StreamClosed):
-                    await self.append(stream, [lost or PRODUCER_LOST])
+                    await self.append(stream, lost or PRODUCER_LOST)
                 await self.close(stream)
 
     async def ping(self) -> bool:

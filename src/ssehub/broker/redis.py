@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -112,13 +113,14 @@ redis.call('DEL', KEYS[2])
 return 1
 """
 
-# KEYS: stream, lease. ARGV: ttl ms, keep ms, lost event, lost data.
+# KEYS: stream, lease. ARGV: ttl ms, keep ms, the lost events as a JSON list of pairs.
 # Returns 0 when the stream is already closed: the holder lost it and should stop.
 _RENEW = f"""
 {_IS_CLOSED}
 if is_closed(KEYS[1]) then return 0 end
 {_NOW_MS}
-redis.call('HSET', KEYS[2], 'deadline', now + tonumber(ARGV[1]), 'e', ARGV[3], 'd', ARGV[4])
+local deadline = string.format('%d', now + tonumber(ARGV[1]))
+redis.call('HSET', KEYS[2], 'deadline', deadline, 'lost', ARGV[3])
 local keep = tonumber(ARGV[1]) + tonumber(ARGV[2])
 redis.call('PEXPIRE', KEYS[2], keep)
 -- Should the holder die and nobody come to read, the stream still goes away.
@@ -129,7 +131,7 @@ return 1
 # KEYS: stream, lease. ARGV: keep ms, '1' to end it now (the holder left without closing).
 # Returns 1 when it ended the stream with the holder's `lost` event.
 _REAP = f"""
-local lease = redis.call('HMGET', KEYS[2], 'deadline', 'e', 'd')
+local lease = redis.call('HMGET', KEYS[2], 'deadline', 'lost')
 if not lease[1] then return 0 end
 if ARGV[2] ~= '1' then
   {_NOW_MS}
@@ -138,7 +140,9 @@ end
 redis.call('DEL', KEYS[2])
 {_IS_CLOSED}
 if is_closed(KEYS[1]) then return 0 end
-redis.call('XADD', KEYS[1], '*', 'e', lease[2], 'd', lease[3])
+for _, pair in ipairs(cjson.decode(lease[2])) do
+  redis.call('XADD', KEYS[1], '*', 'e', pair[1], 'd', pair[2])
+end
 redis.call('XADD', KEYS[1], '*', 'c', '1')
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
@@ -527,16 +531,21 @@ class RedisBroker(Broker):
 
     @contextlib.asynccontextmanager
     async def lease(
-        self, stream: str, ttl: float = 5.0, lost: tuple[str, str] | None = None
+        self, stream: str, ttl: float = 5.0, lost: Sequence[tuple[str, str]] | None = None
     ) -> AsyncIterator[None]:
         """Hold `stream` as its producer; see `Broker.lease`.
 
         The lease is renewed every `ttl / 3` seconds; readers anywhere end the stream with
         `lost` once it has not been renewed for `ttl` seconds.
         """
-        event, data = lost or PRODUCER_LOST
+        # Checked by the encoder here, so a reader never trips on them later.
+        pairs = [[e.event, e.data] for e in (Entry.make(_ZERO, *p) for p in lost or PRODUCER_LOST)]
         keys = [self._stream_key(stream), self._lease_key(stream)]
-        args: list[str | int] = [int(ttl * 1000), int(self.closed_ttl * 1000), event, data]
+        args: list[str | int] = [
+            int(ttl * 1000),
+            int(self.closed_ttl * 1000),
+            json.dumps(pairs),
+        ]
         with self._calling():
             await self._renew(keys=keys, args=args)
         renewing = asyncio.create_task(self._renew_lease(keys, args, ttl / 3))
