@@ -22,10 +22,12 @@ from starlette.routing import BaseRoute, Route
 
 from ssehub.broker import Broker, Retention
 from ssehub.broker.memory import MemoryBroker
+from ssehub.gateway import Gateway, gateway_routes
 from ssehub.server.admin import admin_routes
 from ssehub.server.channels import ChannelEndpoint
 from ssehub.server.hub import Hub
 from ssehub.server.jobs import job_routes
+from ssehub.server.metrics import make_registry
 from ssehub.settings import Settings
 
 logger = logging.getLogger("ssehub.server")
@@ -98,16 +100,33 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     cleanups: list[Callable[[], Awaitable[None]]] = []
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "connections": hub.stats().connections})
+        # A broker that does not answer (Redis away) is "degraded", still HTTP 200: open
+        # streams are kept and resume when it is back, and every node shares that Redis,
+        # so a probe that restarted or evicted nodes for it would only cut connections.
+        try:
+            broker_ok = await asyncio.wait_for(broker.ping(), timeout=2.0)
+        except TimeoutError:
+            broker_ok = False
+        return JSONResponse(
+            {
+                "status": "ok" if broker_ok else "degraded",
+                "broker": "ok" if broker_ok else "unavailable",
+                "connections": hub.stats().connections,
+            }
+        )
 
     channels = ChannelEndpoint(
         hub, publish_token=settings.publish_token, max_body=settings.max_body
     )
+    registry = make_registry(hub)
+    gateway = Gateway(settings, broker, registry)
+    cleanups.append(gateway.aclose)
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/channels/{name:path}", channels, methods=["GET", "HEAD", "POST", "DELETE"]),
-        *admin_routes(hub, settings.admin_token),
+        *admin_routes(hub, settings.admin_token, registry),
         *job_routes(hub, settings.publish_token, settings.max_body),
+        *gateway_routes(),
     ]
 
     @contextlib.asynccontextmanager
@@ -129,6 +148,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
 
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.hub = hub
+    app.state.gateway = gateway
     app.state.settings = settings
     app.state.cleanups = cleanups
     return app
