@@ -267,7 +267,7 @@ class FakeUpstream:
                 }
                 events = [*events[:4], json.dumps({"error": error})]
             elif model == "fake-garbage":
-                events = [*events[:3], "this is {not json", *events[3:]]
+                events = [*events[:4], "this is {not json", *events[4:]]
             elif model == "fake-cut":
                 events = events[:4]
             else:

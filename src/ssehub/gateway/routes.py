@@ -3,6 +3,7 @@ and ssehub's own /v1/chat/completions/{id}/stream and /cancel."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -58,6 +59,12 @@ class Gateway:
         await self.runs.aclose()
         if self.upstream is not None:
             await self.upstream.aclose()
+
+
+def _shutdown(request: Request) -> asyncio.Event | None:
+    # Set by the hub when the server stops: open streams end so clients resume elsewhere.
+    event = getattr(getattr(request.app.state, "hub", None), "shutting_down", None)
+    return event if isinstance(event, asyncio.Event) else None
 
 
 def _gateway(request: Request) -> Gateway:
@@ -125,7 +132,7 @@ async def _complete(request: Request, kind: Kind) -> Response:
     except GatewayError as error:
         return error_response(error)
     gateway.runs.start(completion_id, backend, source, tally)
-    return event_stream(gateway.runs.read(completion_id, None), completion_id)
+    return event_stream(gateway.runs.read(completion_id, None, _shutdown(request)), completion_id)
 
 
 async def chat_completions(request: Request) -> Response:
@@ -176,7 +183,9 @@ async def resume(request: Request) -> Response:
     except GatewayError as error:
         return error_response(error)
     cursor = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    return event_stream(gateway.runs.read(completion_id, cursor or None), completion_id)
+    return event_stream(
+        gateway.runs.read(completion_id, cursor or None, _shutdown(request)), completion_id
+    )
 
 
 async def cancel(request: Request) -> Response:

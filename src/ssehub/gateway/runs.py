@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -257,12 +258,16 @@ class Runs:
         await run.ended.wait()
         return True
 
-    async def read(self, completion_id: str, after: str | None) -> AsyncIterator[bytes]:
+    async def read(
+        self, completion_id: str, after: str | None, shutdown: asyncio.Event | None = None
+    ) -> AsyncIterator[bytes]:
         """A reader of the run's log from the cursor `after`: wire bytes to send.
 
         Each step is everything the log got since the previous one, in one piece. While
         nothing comes (a model that has not produced its first token yet), a comment
         every `heartbeat` seconds keeps idle-timeout proxies from cutting the stream.
+        The reader ends when `shutdown` is set (the client resumes elsewhere); the run
+        itself is stopped by `aclose`.
         """
         run = self._runs.get(completion_id)
         if run is not None:
@@ -270,12 +275,22 @@ class Runs:
         tail = self._broker.tail(run_stream(completion_id), after)
         pending: asyncio.Future[Batch] | None = None
         cursor = after
+        stopping = asyncio.ensure_future(shutdown.wait()) if shutdown is not None else None
         try:
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(anext(tail))
-                if self._heartbeat > 0:
-                    done, _ = await asyncio.wait({pending}, timeout=self._heartbeat)
+                if stopping is not None or self._heartbeat > 0:
+                    waits: set[asyncio.Future[Any]] = {pending}
+                    if stopping is not None:
+                        waits.add(stopping)
+                    done, _ = await asyncio.wait(
+                        waits,
+                        timeout=self._heartbeat if self._heartbeat > 0 else None,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if stopping is not None and stopping in done:
+                        return
                     if not done:
                         yield encode_comment()
                         continue
@@ -308,6 +323,8 @@ class Runs:
                 self.detach(run)
             if pending is not None:
                 pending.cancel()
+            if stopping is not None:
+                stopping.cancel()
             await _aclose(tail)
 
     async def _drain(self, completion_id: str, cursor: str | None) -> AsyncIterator[bytes]:

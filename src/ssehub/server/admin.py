@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Awaitable, Callable
 
+from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -16,8 +17,11 @@ from ssehub.server.hub import Hub
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def admin_routes(hub: Hub, admin_token: str | None) -> list[BaseRoute]:
-    registry = metrics.make_registry(hub)
+def admin_routes(
+    hub: Hub, admin_token: str | None, registry: CollectorRegistry | None = None
+) -> list[BaseRoute]:
+    # Others (the gateway) register their metrics in the same registry: one /metrics.
+    registry = registry or metrics.make_registry(hub)
 
     def guarded(endpoint: Endpoint) -> Endpoint:
         async def checked(request: Request) -> Response:
