@@ -10,9 +10,10 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from conftest import ServeGateway
 from fake_upstream import REASONING, TEXT_PIECES, TOOL_ARGUMENTS, FakeUpstream
 from sse import chunks, post_stream, text_of
+
+from conftest import ServeGateway
 
 Upstream = tuple[str, FakeUpstream]
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -36,7 +37,8 @@ def test_chunks_pass_through_faithfully(relay: str, fake_upstream: Upstream) -> 
     assert events[-1].data == "[DONE]"
     # Every event has an id, ids increase.
     ids = [e.id for e in events]
-    assert all(ids) and ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    assert all(ids)
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
     # Multi-byte text cut across reads arrives whole.
     assert text_of(objects) == "".join(TEXT_PIECES)
     # One id for the stream: the gateway's, which is what a client resumes by.
@@ -72,7 +74,8 @@ def test_openai_sdk_through_the_relay(relay: str) -> None:
     assert (whole.model_extra or {})["x_vendor"] == "kept"
     ids = [m.id for m in client.models.list().data]
     assert ids[0] == "ssehub-demo"
-    assert "fake-text" in ids and "fake-tools" in ids
+    assert "fake-text" in ids
+    assert "fake-tools" in ids
 
 
 def test_tool_call_fragments(relay: str) -> None:
@@ -82,7 +85,8 @@ def test_tool_call_fragments(relay: str) -> None:
     )
     calls = [c.choices[0].delta.tool_calls for c in got if c.choices[0].delta.tool_calls]
     assert calls[0][0].id == "call_abc"
-    assert calls[0][0].function is not None and calls[0][0].function.name == "get_weather"
+    assert calls[0][0].function is not None
+    assert calls[0][0].function.name == "get_weather"
     arguments = "".join(call[0].function.arguments or "" for call in calls if call[0].function)
     assert arguments == "".join(TOOL_ARGUMENTS)
     assert json.loads(arguments) == {"city": "Paris", "unit": "°C"}
@@ -93,12 +97,13 @@ def test_legacy_completions_relay(relay: str, fake_upstream: Upstream) -> None:
     client = openai.OpenAI(base_url=relay + "/v1", api_key="k", max_retries=0)
     got = list(client.completions.create(model="fake-text", prompt="hi", stream=True))
     assert "".join(c.choices[0].text for c in got) == "".join(TEXT_PIECES)
-    assert len({c.id for c in got}) == 1 and got[0].id.startswith("cmpl-")
+    assert len({c.id for c in got}) == 1
+    assert got[0].id.startswith("cmpl-")
     assert fake_upstream[1].requests_for("fake-text")[0].path == "/v1/completions"
 
 
 def test_error_mid_stream(relay: str) -> None:
-    response, events = post_stream(relay, {"model": "fake-error-mid", "messages": MESSAGES})
+    _response, events = post_stream(relay, {"model": "fake-error-mid", "messages": MESSAGES})
     objects = chunks(events)
     assert objects[-1] == {
         "error": {
@@ -129,7 +134,7 @@ def test_bad_streams_end_with_an_error_event(relay: str, model: str, message: st
     assert events[-1].data == "[DONE]"
     # The chunks before the damage were delivered; the gateway still serves.
     assert text_of(objects).startswith(TEXT_PIECES[0])
-    again, more = post_stream(relay, {"model": "fake-text", "messages": MESSAGES})
+    _again, more = post_stream(relay, {"model": "fake-text", "messages": MESSAGES})
     assert text_of(chunks(more)) == "".join(TEXT_PIECES)
 
 
@@ -167,7 +172,7 @@ def test_unreachable_upstream(serve_gateway: ServeGateway) -> None:
             json={"model": "gpt-4o", "messages": MESSAGES, "stream": True},
         )
         models = httpx.get(url + "/v1/models")
-        demo, events = post_stream(url, {"model": "ssehub-demo", "messages": MESSAGES})
+        _demo, events = post_stream(url, {"model": "ssehub-demo", "messages": MESSAGES})
     assert response.status_code == 502
     assert response.json()["error"]["type"] == "upstream_error"
     # The demo still works and is still listed.
