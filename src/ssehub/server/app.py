@@ -29,6 +29,7 @@ from ssehub.server.hub import Hub
 from ssehub.server.jobs import job_routes
 from ssehub.server.metrics import make_registry
 from ssehub.settings import Settings
+from ssehub.web import routes as web_routes
 
 logger = logging.getLogger("ssehub.server")
 
@@ -127,6 +128,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         *admin_routes(hub, settings.admin_token, registry),
         *job_routes(hub, settings.publish_token, settings.max_body),
         *gateway_routes(),
+        *web_routes(),
     ]
 
     @contextlib.asynccontextmanager
