@@ -15,21 +15,8 @@ ServeGateway = Callable[..., contextlib.AbstractContextManager[str]]
 
 
 def _app(settings: Settings) -> Any:
-    try:
-        from ssehub.server.app import create_app
-    except ImportError:  # the hub's app is not there yet: the gateway routes alone
-        from starlette.applications import Starlette
+    from ssehub.server.app import create_app
 
-        from ssehub.broker.memory import MemoryBroker
-        from ssehub.gateway import Gateway, gateway_routes
-
-        @contextlib.asynccontextmanager
-        async def lifespan(app: Any) -> Any:
-            app.state.gateway = Gateway(settings, MemoryBroker())
-            yield
-            await app.state.gateway.aclose()
-
-        return Starlette(routes=gateway_routes(), lifespan=lifespan)
     return create_app(settings)
 
 
