@@ -546,8 +546,13 @@ class RedisBroker(Broker):
             int(self.closed_ttl * 1000),
             json.dumps(pairs),
         ]
-        with self._calling():
-            await self._renew(keys=keys, args=args)
+        try:
+            with self._calling():
+                await self._renew(keys=keys, args=args)
+        except BrokerError as exc:
+            # The producer goes on (its appends will tell it if Redis stays away); the
+            # renewals below keep trying.
+            log.warning("could not take the lease on %s: %s", keys[0], exc)
         renewing = asyncio.create_task(self._renew_lease(keys, args, ttl / 3))
         try:
             yield
