@@ -11,10 +11,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from sse_listener import Listener
+
+from redis_server import RedisServer, redis_server
 
 from _support import serve_in_process, wait_for
-from redis_server import RedisServer, redis_server
-from sse_listener import Listener
 
 pytestmark = pytest.mark.redis
 
