@@ -53,6 +53,7 @@ class Subscriber:
         "drainer",
         "ending",
         "events_sent",
+        "floor",
         "hub",
         "id",
         "last_write",
@@ -89,6 +90,8 @@ class Subscriber:
         # Batches the pump delivered while this subscriber was still replaying.
         self.backlog: list[Sequence[Entry]] | None = []
         self.live = False
+        # Replay wrote up to this key; the pump may still be behind it (None: it is not).
+        self.floor: tuple[int, int] | None = None
         self.ending = False  # the final chunk is queued: nothing more may be written
         self.done = False  # the final chunk was written or the connection was dropped
         self.reason: str | None = None
@@ -212,11 +215,25 @@ class Subscriber:
         """
         backlog, self.backlog = self.backlog, None
         self.live = True
-        if not backlog:
-            return
-        fresh = [e for batch in backlog for e in batch if last is None or e.key > last]
-        if fresh:
-            self.write(b"".join(e.wire for e in fresh), len(fresh))
+        self.floor = last
+        for batch in backlog or ():
+            self.take(batch)
+
+    def take(self, entries: Sequence[Entry]) -> bool:
+        """Write the part of a pump batch past `floor`; False when all of it was old.
+
+        The pump can lag behind the log (it was busy), so a subscriber that replayed up
+        to key K may still be handed entries up to K: skip them.
+        """
+        floor = self.floor
+        if floor is not None and entries[0].key <= floor:
+            fresh = [e for e in entries if e.key > floor]
+            if not fresh:
+                return False
+            entries = fresh
+        self.floor = None
+        self.write(b"".join(e.wire for e in entries), len(entries))
+        return True
 
 
 class ChannelPump:
@@ -265,8 +282,11 @@ class ChannelPump:
             live = 0
             for sub in list(self.subscribers.values()):
                 if sub.live:
-                    sub.write_message(message, size, n)
-                    live += 1
+                    if sub.floor is None:
+                        sub.write_message(message, size, n)
+                        live += 1
+                    elif sub.take(entries):
+                        live += 1
                 elif sub.backlog is not None:
                     sub.backlog.append(entries)
             self.hub.delivered += n * live

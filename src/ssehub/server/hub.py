@@ -53,6 +53,7 @@ class ConnectionInfo:
     events_sent: int
     bytes_sent: int
     pending_bytes: int
+    live: bool  # False while it still replays from the log
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +276,7 @@ class Hub:
             events_sent=sub.events_sent,
             bytes_sent=sub.bytes_sent,
             pending_bytes=sub.pending_bytes,
+            live=sub.live,
         )
 
     # -- subscribers ------------------------------------------------------------------
