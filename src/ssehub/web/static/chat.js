@@ -157,7 +157,10 @@ function apply(message, event) {
     message.status = "error";
     message.error = chunk.error.message || String(chunk.error);
   }
-  if (chunk.id && !pending.completionId) pending.completionId = chunk.id;
+  if (chunk.id && !pending.completionId) {
+    pending.completionId = chunk.id;
+    message.completionId = chunk.id;
+  }
   for (const choice of chunk.choices || []) {
     if (choice.index !== 0 && choice.index !== undefined) continue;
     const text = choice.delta ? choice.delta.content : choice.text;
@@ -195,7 +198,17 @@ function stream(index, request) {
       queueRender(index);
     },
     onReconnect: ({ delay }) => setStatus(`Connection lost; resuming in ${Math.round(delay)} ms…`),
-    onOpen: () => setStatus(""),
+    onOpen: (response) => {
+      // The gateway names the completion in a header, so Stop and a reload work even
+      // before the first chunk has arrived.
+      const id = response.headers.get("ssehub-completion-id");
+      if (id && state.pending && !state.pending.completionId) {
+        state.pending.completionId = id;
+        message.completionId = id;
+        save();
+      }
+      setStatus("");
+    },
     maxRetries: 5,
   })
     .then((result) => {

@@ -59,18 +59,18 @@ function watch(id, channel) {
   const sub = subscribeChannel(channel || `jobs/${id}`, {
     // From the start of the log: events sent between the POST and this subscription count.
     fromStart: true,
-    types: ["progress", "done", "status", "result", "error"],
+    types: ["progress"],
   });
   sub.addEventListener("event", (e) => {
     const event = e.detail;
-    if (event.type === "close" || event.type === "ssehub.gap") return;
+    if (event.type === "ssehub.gap") return;
     const value = progressOf(event.data);
     if (value !== null) {
       last = Math.max(0, Math.min(100, value));
       view.bar.value = last;
       view.percent.textContent = `${Math.round(last)}%`;
     }
-    view.detail.textContent = `${event.type}: ${event.data}`;
+    if (event.type !== "close") view.detail.textContent = `${event.type}: ${event.data}`;
   });
   sub.addEventListener("state", (e) => {
     if (e.detail.state === "reconnecting") view.detail.textContent = "connection lost; resuming…";
@@ -89,7 +89,12 @@ async function start() {
   const status = $("status");
   status.textContent = "";
   try {
-    const response = await fetch("/demo/jobs", { method: "POST" });
+    const delay = Number($("delay").value);
+    const response = await fetch("/demo/jobs", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(Number.isFinite(delay) ? { delay } : {}),
+    });
     const body = await response.json().catch(() => ({}));
     if (!response.ok) {
       const error = body.error;

@@ -432,7 +432,7 @@ export function subscribeChannel(name, options = {}) {
 
   const query = new URLSearchParams();
   if (lastEventId) query.set("last_event_id", lastEventId);
-  else if (fromStart) query.set("from", "start");
+  else if (fromStart) query.set("from", "oldest");
   const qs = query.toString();
   const url = channelPath(name) + (qs ? `?${qs}` : "");
 
