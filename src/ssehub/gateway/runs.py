@@ -116,7 +116,7 @@ class Runs:
         self._metrics.active.inc()
         self._set_detached(run, True)
         run.task = asyncio.get_running_loop().create_task(
-            self._generate(run, source), name=f"ssehub run {completion_id}"
+            self._leased(run, source), name=f"ssehub run {completion_id}"
         )
         run.task.add_done_callback(lambda _: self._never_started(run, source))
         return run
@@ -142,6 +142,23 @@ class Runs:
                     ],
                 )
             )
+
+    async def _leased(self, run: Run, source: AsyncIterator[list[str]]) -> None:
+        # The lease is held while generating: should this process die mid-run, readers on
+        # other nodes end the log with this error and `[DONE]` instead of waiting forever.
+        lost = [
+            (
+                "message",
+                _error(
+                    "The completion was stopped: the server generating it stopped.",
+                    "server_error",
+                    "producer_lost",
+                ),
+            ),
+            ("message", DONE),
+        ]
+        async with self._broker.lease(run_stream(run.id), lost=lost):
+            await self._generate(run, source)
 
     async def _generate(self, run: Run, source: AsyncIterator[list[str]]) -> None:
         stream = run_stream(run.id)
