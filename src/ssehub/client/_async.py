@@ -123,7 +123,7 @@ class AsyncEventSource:
                     state.response_error(response, await _body_start(response))
                 )
                 return
-            decoder = state.connected()
+            decoder = state.connected(response)
             try:
                 async for chunk in response.aiter_bytes():
                     try:

@@ -114,6 +114,7 @@ class SourceState:
 
     def verdict(self, response: httpx.Response) -> Verdict:
         if response.status_code == 204:
+            logger.info("%s %s: 204, no more events", response.request.method, response.request.url)
             return Verdict.STOP
         if response.is_success and _is_event_stream(response):
             return Verdict.STREAM
@@ -162,9 +163,16 @@ class SourceState:
         error.__cause__ = exc
         return error
 
-    def connected(self) -> Decoder:
-        """A connection is open: the decoder to feed its bytes to."""
+    def connected(self, response: httpx.Response) -> Decoder:
+        """`response` is an event stream: the decoder to feed its bytes to."""
         self._received = False
+        logger.info(
+            "connected: %s %s (%d %s)",
+            response.request.method,
+            response.request.url,
+            response.status_code,
+            response.reason_phrase,
+        )
         return self.decoder
 
     def received(self) -> None:
@@ -182,7 +190,7 @@ class SourceState:
 
     # -- between connections -----------------------------------------------------------
 
-    def failed(self, error: SSEError) -> float:
+    def failed(self, error: SSEError, level: int = logging.WARNING) -> float:
         """The connection failed with `error`: seconds to wait, or raise `error`."""
         if isinstance(error, ResponseError) and (
             self.reconnect is None or error.status_code not in self.reconnect.retry_statuses
@@ -200,7 +208,8 @@ class SourceState:
             raise error
         delay = self.reconnect.wait(self.failures - 1, self.retry)
         attempts = self.reconnect.max_attempts
-        logger.warning(
+        logger.log(
+            level,
             "%s; reconnecting in %.1fs (attempt %d%s)",
             error,
             delay,
@@ -219,8 +228,14 @@ class SourceState:
         """
         if self.reconnect is None or self.method != "GET":
             return None
-        what = "ended the stream" if self._received else "ended the stream without sending anything"
-        return self.failed(ConnectionLost(f"{self.method} {self.url}: the server {what}"))
+        if self._received:
+            # The usual life of a long stream, not a failure worth a warning.
+            error = ConnectionLost(f"{self.method} {self.url}: the server ended the stream")
+            return self.failed(error, logging.INFO)
+        error = ConnectionLost(
+            f"{self.method} {self.url}: the server ended the stream without sending anything"
+        )
+        return self.failed(error)
 
 
 def _is_event_stream(response: httpx.Response) -> bool:

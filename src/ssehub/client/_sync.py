@@ -116,7 +116,7 @@ class EventSource:
             if verdict is Verdict.ERROR:
                 self._wait = state.failed(state.response_error(response, _body_start(response)))
                 return
-            decoder = state.connected()
+            decoder = state.connected(response)
             try:
                 for chunk in response.iter_bytes():
                     try:
