@@ -78,7 +78,7 @@ def wait_status(page: Any, status: str, timeout: float = 20_000) -> None:
 
 def test_reply_streams_in_progressively(page: Any, server: str) -> None:
     page.goto(server + "/")
-    page.wait_for_function("document.querySelector('[data-testid=model]').options.length > 0")
+    page.wait_for_function("() => document.querySelector('[data-testid=model]').options.length > 0")
     send(page, "Tell me about server-sent events")
     reply = page.get_by_test_id("reply")
     # Seen partly written and still streaming...
@@ -115,7 +115,7 @@ def test_shift_enter_adds_a_line_and_a_second_turn_uses_the_history(page: Any, s
     prompt.type("line two")
     assert prompt.input_value() == "line one\nline two"
     page.get_by_test_id("send").click()
-    page.wait_for_function("document.querySelectorAll('[data-testid=reply]').length === 2")
+    page.wait_for_function("() => document.querySelectorAll('[data-testid=reply]').length === 2")
     wait_status(page, "done")
     history = [
         {"role": "user", "content": "first"},
@@ -129,7 +129,9 @@ def test_shift_enter_adds_a_line_and_a_second_turn_uses_the_history(page: Any, s
 def test_stop_cancels_the_generation(page: Any, server: str) -> None:
     page.goto(server + "/")
     send(page, "Please write a long answer")
-    page.wait_for_function("document.querySelector('[data-testid=reply]')?.textContent.length > 10")
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=reply]')?.textContent.length > 10"
+    )
     page.get_by_test_id("stop").click()
     wait_status(page, "stopped")
     message = stored(page)["messages"][1]
@@ -184,7 +186,7 @@ def test_history_survives_reload_and_new_chat_clears_it(page: Any, server: str) 
     send(page, "hello")
     wait_status(page, "done")
     page.reload()
-    page.wait_for_function("document.querySelectorAll('[data-testid=reply]').length === 1")
+    page.wait_for_function("() => document.querySelectorAll('[data-testid=reply]').length === 1")
     assert page.locator(".message.user .content").text_content() == "hello"
     page.get_by_test_id("new-chat").click()
     assert page.get_by_test_id("reply").count() == 0
@@ -204,7 +206,7 @@ def test_models_are_listed(page: Any, server: str) -> None:
 
 def test_errors_show_in_place(page: Any, server: str, console: Any) -> None:
     page.goto(server + "/")
-    page.wait_for_function("document.querySelector('#model').options.length > 0")
+    page.wait_for_function("() => document.querySelector('#model').options.length > 0")
     # A model the server does not have: the 404 and its message appear in the reply.
     page.evaluate(
         """() => {
@@ -258,7 +260,9 @@ def test_keyboard_only(page: Any, server: str) -> None:
     assert page.evaluate("document.activeElement.dataset.testid") == "prompt"
     page.keyboard.type("Stop me with the keyboard")
     page.keyboard.press("Enter")
-    page.wait_for_function("document.querySelector('[data-testid=reply]')?.textContent.length > 5")
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=reply]')?.textContent.length > 5"
+    )
     page.keyboard.press("Escape")
     wait_status(page, "stopped")
     assert page.get_by_label("Message").get_attribute("data-testid") == "prompt"
