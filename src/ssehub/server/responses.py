@@ -90,7 +90,6 @@ class EventStreamResponse(Response):
         self.on_timeout = on_timeout
         self.on_error = on_error
         self.background = background
-        self.body = b""
         self.init_headers(headers)
         # The Content-Type charset is part of the contract; never compressed, never cached.
         # No Connection header: it is forbidden in HTTP/2 (RFC 9113, 8.2.2).
