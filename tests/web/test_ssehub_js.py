@@ -17,7 +17,11 @@ from _support import serve_in_thread
 
 pytestmark = pytest.mark.browser
 
-SHARED_CASES = Path(__file__).parent.parent / "protocol" / "cases.json"
+# The protocol's own table (tests/protocol/cases.json): the same cases the Python decoder
+# passes, so the browser and Python clients read every stream alike.
+SHARED_CASES: list[dict[str, Any]] = json.loads(
+    (Path(__file__).parent.parent / "protocol" / "cases.json").read_text()
+)["cases"]
 
 # (name, stream, [(type, data, id), ...], retry, last_event_id)
 SPEC_CASES: list[tuple[str, str, list[tuple[str, str, str]], int | None, str]] = [
@@ -78,16 +82,20 @@ SPEC_CASES: list[tuple[str, str, list[tuple[str, str, str]], int | None, str]] =
 # Runs one case three ways: whole, character by character, and as UTF-8 bytes one byte at a
 # time through fetchEventStream (the code path a real response takes).
 RUN_CASE = """
-async ({ stream }) => {
+async ({ stream, hex }) => {
   const m = await import('/static/ssehub.js');
   const shape = (r) => ({
     events: r.events.map((e) => [e.type, e.data, e.id]),
     retry: r.retry,
     last_event_id: r.lastEventId,
   });
-  const whole = shape(m.parseEventStream(stream));
-  const chars = shape(m.parseEventStream(stream, 1));
-  const bytes = new TextEncoder().encode(stream);
+  const bytes = hex === null
+    ? new TextEncoder().encode(stream)
+    : Uint8Array.from(hex.match(/../g) || [], (pair) => parseInt(pair, 16));
+  // What fetchEventStream's decoder makes of the bytes (the parser drops the BOM itself).
+  const text = new TextDecoder('utf-8', { ignoreBOM: true }).decode(bytes);
+  const whole = shape(m.parseEventStream(text));
+  const chars = shape(m.parseEventStream(text, 1));
   const events = [];
   let retry = null;
   const fakeFetch = async () => new Response(new ReadableStream({
@@ -128,8 +136,8 @@ def js(browser: Any, base: str) -> Iterator[Any]:
     assert console.errors == [], "\n".join(console.errors)
 
 
-def _check(js: Any, stream: str, expected: dict[str, Any]) -> None:
-    result = js.evaluate(RUN_CASE, {"stream": stream})
+def _check(js: Any, stream: str | None, expected: dict[str, Any], hex: str | None = None) -> None:
+    result = js.evaluate(RUN_CASE, {"stream": stream, "hex": hex})
     for way, got in result.items():
         assert got == expected, f"{way}: {got} != {expected}"
 
@@ -148,6 +156,19 @@ def test_parser_spec_cases(
         "last_event_id": last_event_id,
     }
     _check(js, stream, expected)
+
+
+@pytest.mark.parametrize("case", SHARED_CASES, ids=[c["name"] for c in SHARED_CASES])
+def test_parser_shared_case_table(js: Any, case: dict[str, Any]) -> None:
+    expected = {
+        "events": [[e["event"], e["data"], e["id"]] for e in case["events"]],
+        "retry": case["retry"],
+        "last_event_id": case["last_event_id"],
+    }
+    if isinstance(case["retry"], int) and case["retry"] > 2**53:
+        # A JS number is a double: beyond 2**53 the browser holds the nearest one.
+        expected["retry"] = int(float(case["retry"]))
+    _check(js, case.get("input"), expected, case.get("input_hex"))
 
 
 # A scripted fetch: each call takes the next response script. A script is a list of text
