@@ -16,7 +16,9 @@ See docs/benchmarks.md for what is measured and how.
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import multiprocessing
@@ -47,13 +49,14 @@ HOST = "127.0.0.1"
 SERVER_CORE = 1
 LOADGEN_CORE = 0
 
-# Every event's data is `EVT<seq>:<monotonic ns at publish>;` padded with `x` to --size.
+# Every event's data is `EVT<publisher>.<seq>:<monotonic ns at publish>;` padded with `x`
+# to --size.
 # Counting the marker works for any framing (LF or CRLF separators, `id:` or not, chunked
 # transfer coding) as long as a server never splits one event across chunks, which none of
 # the three does; a split would show up as lost deliveries, not as a wrong figure.
 MARK = b"EVT"
-SAMPLE = re.compile(rb"EVT(\d+):(\d+);")
-CARRY = 48  # longer than any partial `EVT<seq>:<ns>` a read can end in
+SAMPLE = re.compile(rb"EVT(\d+)\.(\d+):(\d+);")
+CARRY = 64  # longer than any partial `EVT<publisher>.<seq>:<ns>` a read can end in
 
 
 # --------------------------------------------------------------------------------------
@@ -280,7 +283,7 @@ class _Subscriber(asyncio.Protocol):
         self.tail = b""
         self.carry = b""
         self.count = 0
-        self.next_seq = 0
+        self.next_seq: dict[bytes, int] = {}  # per publisher: each one publishes in order
         self.done_ns = 0
         self.transport: asyncio.Transport | None = None
 
@@ -330,12 +333,13 @@ class _Subscriber(asyncio.Protocol):
         buf = self.carry + data
         end = 0
         latencies = self.tally.latencies
+        next_seq = self.next_seq
         for match in SAMPLE.finditer(buf):
-            seq = int(match[1])
-            latencies.append(now - int(match[2]))
-            if seq != self.next_seq:
+            publisher, seq = match[1], int(match[2])
+            latencies.append(now - int(match[3]))
+            if seq != next_seq.get(publisher, 0):
                 self.tally.order_errors += 1
-            self.next_seq = seq + 1
+            next_seq[publisher] = seq + 1
             self.count += 1
             end = match.end()
         self.carry = buf[end:][-CARRY:]
@@ -430,6 +434,9 @@ async def _subscriber_session(
             commands.put_nowait(("close",))
 
     loop.add_reader(conn.fileno(), on_command)
+    # The loop made the pipe non-blocking; the results (latency samples) can be larger
+    # than the pipe buffer, and the parent is reading them meanwhile.
+    os.set_blocking(conn.fileno(), True)
     while True:
         command = await commands.get()
         if command[0] == "go":
@@ -449,7 +456,7 @@ async def _subscriber_session(
                         "dropped": tally.dropped,
                         "order_errors": tally.order_errors,
                         "over_delivered": sum(max(0, s.count - expected) for s in subscribers),
-                        "latencies": tally.latencies,
+                        "latencies": array.array("q", tally.latencies).tobytes(),
                         "cpu_seconds": time.process_time() - cpu_start,
                     },
                 )
@@ -517,11 +524,11 @@ class SubscriberPool:
 
     def results(self, timeout: float) -> dict[str, Any]:
         answers = self._collect("done", timeout)
-        merged: dict[str, Any] = {"latencies": []}
+        merged: dict[str, Any] = {"latencies": array.array("q")}
         for answer in answers:
             for key, value in answer.items():
                 if key == "latencies":
-                    merged["latencies"].extend(value)
+                    merged["latencies"].frombytes(value)
                 elif key == "last_done_ns":
                     merged[key] = max(merged.get(key, 0), value)
                 else:
@@ -822,15 +829,35 @@ def wait_drained(server: ServerUnderTest, channel: str, timeout: float = 30) -> 
         )
 
 
-def event_data(seq: int, size: int) -> str:
-    head = f"EVT{seq}:{time.monotonic_ns()};"
+def event_data(publisher: int, seq: int, size: int) -> str:
+    head = f"EVT{publisher}.{seq}:{time.monotonic_ns()};"
     return head + "x" * max(0, size - len(head))
 
 
 def publish_all(
-    server: ServerUnderTest, channel: str, events: int, size: int, batch: int
+    server: ServerUnderTest, channel: str, events: int, size: int, batch: int, publishers: int
 ) -> tuple[int, int]:
-    """Publish `events` as fast as the server takes them; returns (requests, failures)."""
+    """Publish `events` as fast as the server takes them, from `publishers` connections
+    at once (threads: they wait on the server, not on the GIL); returns (requests, failures).
+    """
+    if publishers == 1:
+        return publish_some(server, channel, 0, events, size, batch)
+    shares = [
+        events // publishers + (1 if i < events % publishers else 0) for i in range(publishers)
+    ]
+    with concurrent.futures.ThreadPoolExecutor(publishers) as pool:
+        futures = [
+            pool.submit(publish_some, server, channel, i, share, size, batch)
+            for i, share in enumerate(shares)
+        ]
+        done = [f.result() for f in futures]
+    return sum(r for r, _ in done), sum(f for _, f in done)
+
+
+def publish_some(
+    server: ServerUnderTest, channel: str, publisher: int, events: int, size: int, batch: int
+) -> tuple[int, int]:
+    """One publisher: sequential POSTs over one keep-alive connection."""
     conn = HttpConnection(server.port)
     path = server.pub_path(channel)
     requests = failures = 0
@@ -838,12 +865,13 @@ def publish_all(
         seq = 0
         while seq < events:
             if batch > 1:
-                datas = [event_data(s, size) for s in range(seq, min(events, seq + batch))]
+                last = min(events, seq + batch)
+                datas = [event_data(publisher, s, size) for s in range(seq, last)]
                 body = server.batch_body(datas)
                 content_type = "application/json"
                 seq += len(datas)
             else:
-                body = event_data(seq, size).encode()
+                body = event_data(publisher, seq, size).encode()
                 content_type = "text/plain"
                 seq += 1
             status, _ = conn.request("POST", path, body, [("Content-Type", content_type)])
@@ -856,9 +884,16 @@ def publish_all(
 
 
 def run_fanout(
-    server: ServerUnderTest, n: int, events: int, batch: int, args: argparse.Namespace
+    server: ServerUnderTest,
+    n: int,
+    events: int,
+    args: argparse.Namespace,
+    batch: int = 1,
+    publishers: int = 1,
 ) -> Row:
     mode = f"batch {batch}" if batch > 1 else "single"
+    if publishers > 1:
+        mode += f" x{publishers} pub"
     channel = new_channel("fanout")
     row = Row(server.name, mode, n, events)
     pool = SubscriberPool(server.port, server.sub_path(channel), n, events, args.procs, args.sample)
@@ -869,7 +904,7 @@ def run_fanout(
         own_cpu_before = time.process_time()
         pool.go(args.timeout)
         start = time.monotonic_ns()
-        requests, pub_failures = publish_all(server, channel, events, args.size, batch)
+        requests, pub_failures = publish_all(server, channel, events, args.size, batch, publishers)
         published = time.monotonic_ns()
         result = pool.results(args.timeout + 60)
         cpu = cpu_seconds(server.pid) - cpu_before
@@ -949,9 +984,9 @@ def measure_idle(server: ServerUnderTest, k: int, args: argparse.Namespace) -> d
 def warm_up(server: ServerUnderTest, args: argparse.Namespace) -> None:
     """Touch every code path once, so lazy imports and first allocations are not measured."""
     quiet = argparse.Namespace(**{**vars(args), "sample": 1, "timeout": 30})
-    run_fanout(server, 10, 20, 1, quiet)
+    run_fanout(server, 10, 20, quiet)
     if server.batches:
-        run_fanout(server, 10, 20, 10, quiet)
+        run_fanout(server, 10, 20, quiet, batch=10)
 
 
 def bench_server(cls: type[ServerUnderTest], args: argparse.Namespace, workdir: Path) -> list[Row]:
@@ -964,9 +999,13 @@ def bench_server(cls: type[ServerUnderTest], args: argparse.Namespace, workdir: 
         idle = measure_idle(server, args.idle, args) if args.idle else {}
         if idle:
             print(f"    idle: {idle['kb_per_idle_connection']:.1f} KB/conn", flush=True)
-        batches = [1] + ([args.batch] if server.batches and args.batch > 1 else [])
-        for batch in batches:
-            row = run_fanout(server, args.subscribers, args.events, batch, args)
+        modes = [(1, 1)]
+        if args.publishers > 1:
+            modes.append((1, args.publishers))
+        if server.batches and args.batch > 1:
+            modes.append((args.batch, 1))
+        for batch, publishers in modes:
+            row = run_fanout(server, args.subscribers, args.events, args, batch, publishers)
             row.idle_kb_per_conn = idle.get("kb_per_idle_connection")
             row.detail.update(idle)
             rows.append(row)
@@ -990,7 +1029,7 @@ def bench_scale(cls: type[ServerUnderTest], args: argparse.Namespace, workdir: P
         server.start()
         warm_up(server, args)
         idle = measure_idle(server, args.scale, args)
-        row = run_fanout(server, args.scale, args.scale_events, 1, args)
+        row = run_fanout(server, args.scale, args.scale_events, args)
         row.mode = f"single, {args.scale} subs"
         row.idle_kb_per_conn = idle.get("kb_per_idle_connection")
         row.detail.update(idle)
@@ -1073,6 +1112,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=100, help="bytes of data per event")
     p.add_argument("--batch", type=int, default=50,
                    help="events per POST in batch mode (JSON list); 1 = off")  # fmt: skip
+    p.add_argument("--publishers", type=int, default=4,
+                   help="publisher connections in the concurrent mode; 1 = off")  # fmt: skip
     p.add_argument("--idle", type=int, default=2000,
                    help="K idle subscribers for memory per connection; 0 = skip")  # fmt: skip
     p.add_argument("--scale", type=int, default=0,
