@@ -9,6 +9,7 @@ because that id is what a client resumes by (`GET /v1/chat/completions/{id}/stre
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -25,6 +26,8 @@ log = logging.getLogger("ssehub.gateway")
 # An error body is read whole to pass it on; beyond this it is cut (a misconfigured
 # upstream can answer an HTML page of any size).
 MAX_ERROR_BODY = 65_536
+# Seconds to wait for the end of a response after its `[DONE]`.
+DRAIN_TIMEOUT = 1.0
 # A non-streamed completion is read whole before it is passed on.
 MAX_JSON_BODY = 16 * 1_048_576
 
@@ -118,6 +121,7 @@ async def relay_chunks(
                 if item == "[DONE]":
                     if out:
                         yield out
+                    await _drain(data)
                     return
                 try:
                     chunk = orjson.loads(item)
@@ -153,6 +157,18 @@ async def relay_chunks(
         )
     finally:
         await data.aclose()
+
+
+async def _drain(data: AsyncIterator[list[str]]) -> None:
+    """After `[DONE]`: read the response to its end, so its connection goes back to the
+    pool instead of being closed (else every completion pays a new TCP handshake). An
+    upstream that goes on sending is cut off."""
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT):
+            async for _ in data:
+                pass
+    except (TimeoutError, StreamFailure):
+        pass
 
 
 class Upstream:
