@@ -143,6 +143,7 @@ async def numbers(request: Request, recorder: Recorder, send: Send) -> str:
       N's data is 1000 characters long. `stall=N`: once, fall silent after event N.
     - `gap=S` and `beat=S`: wait S seconds between events, sending a heartbeat comment
       every `beat` seconds meanwhile.
+    - `location=1`: name this stream's GET URL in Content-Location.
     - Once the client has everything, answer 204 (the spec's "stop reconnecting").
     """
     q = request.query_params
@@ -162,7 +163,12 @@ async def numbers(request: Request, recorder: Recorder, send: Send) -> str:
         await _start(send, 204, [])
         await _body(send, b"", more=False)
         return DONE
-    await _start(send)
+    headers = list(EVENT_STREAM)
+    if q.get("location"):
+        # This stream, resumable with a GET (what ssehub's gateway offers per completion).
+        query = "&".join(f"{k}={v}" for k, v in q.multi_items() if k != "location")
+        headers.append((b"content-location", f"/numbers?{query}".encode()))
+    await _start(send, 200, headers)
     if "retry" in q:
         await _body(send, encode_retry(int(q["retry"])))
     for n in range(start, count + 1):

@@ -275,6 +275,27 @@ def test_post_json_is_sent_again_with_last_event_id(
         assert r.headers["authorization"] == "Bearer sk-test"
 
 
+def test_post_resumes_with_get_where_content_location_says(
+    server: Server, key: str, collect: Collect
+) -> None:
+    run = collect(
+        server("/numbers", key, count=4, drop=2, location=1),
+        method="POST",
+        json={"prompt": "hi"},
+        headers={"Authorization": "Bearer sk-test"},
+        reconnect=FAST,
+    )
+    assert run.error is None
+    assert run.ids == ["1", "2", "3", "4"]
+    first, second = server.seen.of(key)
+    assert (first.method, first.body) == ("POST", b'{"prompt":"hi"}')
+    # Not sent again: resumed by GET at the stream's own URL, with the caller's headers.
+    assert (second.method, second.body, second.last_event_id) == ("GET", b"", "2")
+    assert second.path == "/numbers"
+    assert "content-type" not in second.headers
+    assert second.headers["authorization"] == "Bearer sk-test"
+
+
 def test_leaving_early_closes_the_connection(server: Server, key: str, collect: Collect) -> None:
     run = collect(server("/stall", key), limit=1, idle_timeout=None)
     assert run.data == ["hello"]

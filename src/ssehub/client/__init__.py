@@ -54,3 +54,10 @@ __all__ = [
     "iter_openai",
     "openai_chunk",
 ]
+
+# Tracebacks and reprs name the public module, not the private one a class is defined in.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("ssehub.client."):
+        _obj.__module__ = "ssehub.client"
+del _name, _obj

@@ -93,6 +93,8 @@ class SourceState:
         self.retry: int | None = None
         self.failures = 0
         self._received = False
+        # Where to resume a non-GET request's stream, when its response said so.
+        self.stream_url: httpx.URL | None = None
 
     # -- one connection ----------------------------------------------------------------
 
@@ -103,6 +105,9 @@ class SourceState:
             # Sent as UTF-8 (WHATWG HTML 9.2.3 "reestablish the connection"); an httpx str
             # header would have to be ASCII.
             raw.append((b"Last-Event-ID", self.last_event_id.encode()))
+        if self.stream_url is not None:
+            raw = [(k, v) for k, v in raw if k.lower() != b"content-type"]
+            return client.build_request("GET", self.stream_url, headers=raw, timeout=self.timeout)
         return client.build_request(
             self.method,
             self.url,
@@ -151,7 +156,10 @@ class SourceState:
 
     def transport_error(self, exc: httpx.TransportError) -> SSEError:
         """The exception for a failed connection; raises when trying again cannot help."""
-        where = f"{self.method} {exc.request.url}" if _has_request(exc) else self.method
+        if _has_request(exc):
+            where = f"{exc.request.method} {exc.request.url}"
+        else:
+            where = f"{self.method} {self.url}"
         if isinstance(exc, httpx.UnsupportedProtocol):
             raise SSEError(f"{where}: {_describe(exc)}") from exc
         if isinstance(exc, httpx.ReadTimeout):
@@ -173,6 +181,12 @@ class SourceState:
             response.status_code,
             response.reason_phrase,
         )
+        location = response.headers.get("Content-Location")
+        if location and self.method != "GET" and self.stream_url is None:
+            # The server names the stream this request started (RFC 9110 8.7: the resource
+            # this response is a representation of): resume it there with a GET rather
+            # than sending the request, and starting its work, again.
+            self.stream_url = response.request.url.join(location)
         return self.decoder
 
     def received(self) -> None:
