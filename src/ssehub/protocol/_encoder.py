@@ -1,4 +1,10 @@
-"""Events to bytes (WHATWG HTML, "Server-sent events", section 9.2.5 "Event stream format")."""
+"""Events to bytes (WHATWG HTML, "Server-sent events", section 9.2.5 "Event stream format").
+
+Every value is written after `field: `: the decoder removes exactly one leading space
+(9.2.6), so values that start with a space survive. Text is encoded as UTF-8, the only
+encoding of an event stream; a lone surrogate in a str raises UnicodeEncodeError (a
+ValueError).
+"""
 
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ def encode(event: ServerSentEvent) -> bytes:
     end early and the rest would be read as other fields.
     """
     parts: list[str] = []
-    if event.event != "message":
+    # An empty type reads back as "message" too (9.2.6, dispatch step 6): write neither.
+    if event.event and event.event != "message":
         if _FORBIDDEN_IN_FIELD.search(event.event):
             raise ValueError(f"event type must not contain CR, LF or NUL: {event.event!r}")
         parts.append(f"event: {event.event}\n")
