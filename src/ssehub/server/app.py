@@ -19,6 +19,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from ssehub.broker import Broker, Retention
 from ssehub.broker.memory import MemoryBroker
@@ -91,6 +92,34 @@ def ending_streams_on_signals(hub: Hub) -> Any:
                 signal.signal(signum, prev)
 
 
+class HubApp(Starlette):
+    """Starlette, with subscriptions handed straight to the channel endpoint.
+
+    An idle subscription is a suspended task whose coroutine frames are the ASGI stack
+    above it; skipping Starlette's middleware and router frames for `GET /channels/...`
+    saves a few KB per connection. With user middleware added, every request takes the
+    normal path, so the middleware sees subscriptions too.
+    """
+
+    channels: ChannelEndpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and not self.user_middleware:
+            path: str = scope["path"]
+            root: str = scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root) :]
+            if path.startswith(_CHANNELS):
+                scope["app"] = self
+                scope["path_params"] = {"name": path[len(_CHANNELS) :]}
+                await self.channels(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+_CHANNELS = "/channels/"
+
+
 def create_app(settings: Settings | None = None, *, broker: Broker | None = None) -> Starlette:
     """The ssehub ASGI app. `broker` overrides the one `settings` would make (and is then
     not closed by the app)."""
@@ -148,7 +177,8 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             if owns_broker:
                 await broker.aclose()
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = HubApp(routes=routes, lifespan=lifespan)
+    app.channels = channels
     app.state.hub = hub
     app.state.gateway = gateway
     app.state.settings = settings

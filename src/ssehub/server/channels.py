@@ -145,34 +145,25 @@ class ChannelEndpoint:
         return JSONResponse({"channel": name, "ids": ids})
 
     async def subscribe(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = Headers(scope=scope)
-        query = QueryParams(scope.get("query_string", b""))
-        # The header wins: a browser reconnecting sends it, with the original URL's query.
-        cursor = headers.get("last-event-id") or query.get("last_event_id") or None
-        start = query.get("from")
-        if start not in (None, "oldest"):
-            raise RequestError(400, "'from' accepts only 'oldest'")
-        from_oldest = start == "oldest" and cursor is None
-        hub = self.hub
-        if hub.shutting_down.is_set():
-            raise RequestError(503, "server is shutting down")
-        info = await hub.channel_info(name)
-        if info is not None and info.closed:
-            key = parse_id(cursor) if cursor else None
-            last = parse_id(info.last_id) if info.last_id else None
-            if (cursor is None and not from_oldest) or (key and last and key >= last):
-                # 204 tells an EventSource to stop reconnecting (WHATWG HTML 9.2.3).
-                await Response(status_code=204)(scope, receive, send)
-                return
+        start = await self._opening(name, scope)
+        if start is None:
+            # 204 tells an EventSource to stop reconnecting (WHATWG HTML 9.2.3).
+            await Response(status_code=204)(scope, receive, send)
+            return
+        cursor, from_oldest, user_agent = start
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-        if method_is_head(scope):
+        if scope["method"] == "HEAD":
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         client = scope.get("client")
         peer = f"{client[0]}:{client[1]}" if client else ""
-        sub = hub.new_subscriber(name, send, peer, headers.get("user-agent", ""))
+        hub = self.hub
+        sub = hub.new_subscriber(name, send, peer, user_agent)
+        # This frame lives as long as the connection: keep its locals few.
+        del start, client, peer, user_agent, scope
         try:
             await hub.attach(sub, cursor, from_oldest)
+            del cursor
             # The pump writes; this task only learns when the client leaves or the
             # response was completed (uvicorn then answers `http.disconnect`).
             while (await receive())["type"] != "http.disconnect":
@@ -188,6 +179,22 @@ class ChannelEndpoint:
         finally:
             hub.detach(sub)
 
-
-def method_is_head(scope: Scope) -> bool:
-    return bool(scope["method"] == "HEAD")
+    async def _opening(self, name: str, scope: Scope) -> tuple[str | None, bool, str] | None:
+        """(cursor, from oldest, user agent) for a subscription; None: answer 204."""
+        headers = Headers(scope=scope)
+        query = QueryParams(scope.get("query_string", b""))
+        # The header wins: a browser reconnecting sends it, with the original URL's query.
+        cursor = headers.get("last-event-id") or query.get("last_event_id") or None
+        start = query.get("from")
+        if start not in (None, "oldest"):
+            raise RequestError(400, "'from' accepts only 'oldest'")
+        from_oldest = start == "oldest" and cursor is None
+        if self.hub.shutting_down.is_set():
+            raise RequestError(503, "server is shutting down")
+        info = await self.hub.channel_info(name)
+        if info is not None and info.closed:
+            key = parse_id(cursor) if cursor else None
+            last = parse_id(info.last_id) if info.last_id else None
+            if (cursor is None and not from_oldest) or (key and last and key >= last):
+                return None
+        return cursor, from_oldest, headers.get("user-agent", "")
