@@ -267,3 +267,19 @@ def test_keyboard_only(page: Any, server: str) -> None:
     wait_status(page, "stopped")
     assert page.get_by_label("Message").get_attribute("data-testid") == "prompt"
     assert page.get_by_label("Model").get_attribute("data-testid") == "model"
+
+
+def test_an_error_after_the_stream_started_shows_in_place(page: Any, server: str) -> None:
+    page.goto(server + "/")
+    send(page, "Cancel me from elsewhere")
+    wait_streaming_longer_than(page, 10)
+    completion_id = stored(page)["messages"][1]["completionId"]
+    # Another client cancels it: the stream carries an error event, then ends.
+    cancelled = httpx.post(f"{server}/v1/chat/completions/{completion_id}/cancel")
+    assert cancelled.status_code == 200
+    wait_status(page, "error")
+    assert "cancelled" in page.get_by_test_id("reply-error").text_content()
+    message = stored(page)["messages"][1]
+    assert message["content"]
+    assert page.get_by_test_id("reply").text_content() == rendered(page, message["content"])
+    assert page.get_by_test_id("send").is_enabled()
