@@ -189,5 +189,7 @@ class _StderrNotices(logging.Handler):
 def _show_connection_notices(verbose: bool) -> None:
     logger = logging.getLogger("ssehub.client")
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    for handler in [h for h in logger.handlers if isinstance(h, _StderrNotices)]:
+        logger.removeHandler(handler)  # listen() run again in one process
     logger.addHandler(_StderrNotices(Console(stderr=True, highlight=False, soft_wrap=True)))
     logger.propagate = False
