@@ -104,15 +104,17 @@ def rss_kb(pid: int) -> int:
     return total
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of the process tree so far."""
-    ticks = 0
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of the process tree so far."""
+    user = system = 0
     for p in tree_pids(pid):
         with contextlib.suppress(OSError), open(f"/proc/{p}/stat") as f:
             # Fields after the `(comm)`, which may hold spaces: utime is 14th, stime 15th.
             fields = f.read().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+            user += int(fields[11])
+            system += int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
 
 
 def pinning_available() -> bool:
@@ -636,14 +638,13 @@ class Ssehub(ServerUnderTest):
     batches = True
 
     def command(self) -> list[str]:
-        prefix = [sys.executable]
-        if self.args.profile:
-            out = self.workdir / f"ssehub-{int(time.time())}.prof"
-            prefix += ["-m", "cProfile", "-o", str(out)]
-            self.profile_out = out
         # Heartbeats off the table: a run is shorter than the interval anyway.
-        return [*prefix, "-m", "ssehub", "serve", "--host", HOST, "--port", str(self.port),
-                "--heartbeat", "3600", "--log-level", "warning"]  # fmt: skip
+        serve = ["serve", "--host", HOST, "--port", str(self.port), "--heartbeat", "3600",
+                 "--log-level", "warning"]  # fmt: skip
+        if self.args.profile:
+            out = self.workdir / f"ssehub-{time.strftime('%H%M%S')}.prof"
+            return [sys.executable, "-c", PROFILED_SERVE, str(out), *serve]
+        return [sys.executable, "-m", "ssehub", *serve]
 
     def ready_path(self) -> str:
         return "/healthz"
@@ -665,6 +666,26 @@ class Ssehub(ServerUnderTest):
 
     def batch_body(self, datas: Sequence[str]) -> bytes:
         return json.dumps([{"data": d} for d in datas]).encode()
+
+
+# `python -m cProfile` writes nothing here: uvicorn re-raises SIGTERM after its shutdown,
+# and the default action kills the process. A handler that raises lets the profile be saved.
+PROFILED_SERVE = """
+import cProfile, signal, sys
+def stop(signum, frame):
+    raise SystemExit(0)
+signal.signal(signal.SIGTERM, stop)
+from ssehub.cli import main
+profile = cProfile.Profile()
+profile.enable()
+try:
+    main(sys.argv[2:], standalone_mode=False)
+except SystemExit:
+    pass
+finally:
+    profile.disable()
+    profile.dump_stats(sys.argv[1])
+"""
 
 
 class Nchan(ServerUnderTest):
@@ -900,14 +921,16 @@ def run_fanout(
     try:
         ready = pool.ready(120 + n / 50)
         confirmed = wait_subscribed(server, channel, ready["ok"], 60)
-        cpu_before = cpu_seconds(server.pid)
+        user_before, system_before = cpu_times(server.pid)
         own_cpu_before = time.process_time()
         pool.go(args.timeout)
         start = time.monotonic_ns()
         requests, pub_failures = publish_all(server, channel, events, args.size, batch, publishers)
         published = time.monotonic_ns()
         result = pool.results(args.timeout + 60)
-        cpu = cpu_seconds(server.pid) - cpu_before
+        user, system = cpu_times(server.pid)
+        user, system = user - user_before, system - system_before
+        cpu = user + system
         publisher_cpu = time.process_time() - own_cpu_before
     finally:
         pool.close()
@@ -949,6 +972,9 @@ def run_fanout(
         "latency_max_ms": (latencies[-1] / 1e6) if latencies else None,
         "latency_mean_ms": (statistics.fmean(latencies) / 1e6) if latencies else None,
         "server_cpu_seconds": cpu,
+        # System time is the kernel's share (socket writes); user time is the server's own.
+        "server_user_seconds": user,
+        "server_system_seconds": system,
         "deliveries_per_server_cpu_s": delivered / cpu if cpu > 0 else None,
         # The load generator's own CPU: far below the wall time means it was not the limit.
         "subscriber_cpu_seconds": result["cpu_seconds"],
