@@ -93,3 +93,21 @@ def test_anything_else_is_404(base: str, path: str) -> None:
 def test_python_files_are_not_served() -> None:
     assert static_file("../__init__.py") is None
     assert static_file("__init__.py") is None
+
+
+def test_every_reference_in_the_shipped_files_resolves() -> None:
+    """Pages and modules only name files that ship (a typo would 404 in the browser)."""
+    import re
+    from importlib import resources
+
+    folder = resources.files("ssehub.web").joinpath("static")
+    names = sorted(node.name for node in folder.iterdir() if node.is_file())
+    referenced: set[str] = set()
+    for name in names:
+        text = folder.joinpath(name).read_text()
+        referenced |= set(re.findall(r"""["'(]/static/([\w./-]+)["')]""", text))
+        referenced |= set(re.findall(r"""from\s+["']\./([\w./-]+)["']""", text))
+        referenced |= set(re.findall(r"""import\(["']/static/([\w./-]+)["']\)""", text))
+    assert {"ssehub.js", "chat.js", "markdown.js", "style.css"} <= referenced
+    for name in referenced:
+        assert static_file(name) is not None, name
