@@ -30,6 +30,7 @@ class Seen:
     body: dict[str, Any]
     disconnected: threading.Event = field(default_factory=threading.Event)
     chunks_sent: int = 0
+    client: tuple[str, int] | None = None
 
 
 def chunk(model: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -162,7 +163,7 @@ class FakeUpstream:
             await _json(send, 200, {"object": "list", "data": data})
             return
         parsed = json.loads(body) if body else {}
-        seen = Seen(path, headers, parsed)
+        seen = Seen(path, headers, parsed, client=tuple(scope["client"]))
         self.seen.append(seen)
         model = parsed.get("model", "")
         include_usage = bool((parsed.get("stream_options") or {}).get("include_usage"))

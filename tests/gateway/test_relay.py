@@ -190,3 +190,11 @@ def test_client_key_forwarded_when_no_key_is_configured(
             headers={"authorization": "Bearer mine"},
         )
     assert fake_upstream[1].requests_for("fake-text")[0].headers["authorization"] == "Bearer mine"
+
+
+def test_upstream_connection_is_reused(relay: str, fake_upstream: Upstream) -> None:
+    for _ in range(3):
+        _, events = post_stream(relay, {"model": "fake-tools", "messages": MESSAGES})
+        assert events[-1].data == "[DONE]"
+    clients = {seen.client for seen in fake_upstream[1].requests_for("fake-tools")}
+    assert len(clients) == 1, "each completion opened a new upstream connection"

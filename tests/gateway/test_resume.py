@@ -69,6 +69,8 @@ def test_resume_after_finish_from_another_client(serve_gateway: ServeGateway) ->
         response, events = post_stream(url, BODY)
         completion_id = json.loads(events[0].data)["id"]
         assert response.headers["ssehub-completion-id"] == completion_id
+        location = f"/v1/chat/completions/{completion_id}/stream"
+        assert response.headers["content-location"] == location
         # Another program, later: a whole replay, and a replay after a cursor (query form).
         replay = resume(url, completion_id)
         after = resume(url, completion_id, params={"last_event_id": events[4].id})
@@ -106,3 +108,39 @@ def test_finished_completion_expires_after_retention(serve_gateway: ServeGateway
         completion_id = json.loads(events[0].data)["id"]
         stream_url = f"{url}/v1/chat/completions/{completion_id}/stream"
         wait_for(lambda: httpx.get(stream_url).status_code == 404, 10, 0.05, "expiry")
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_ssehub_client_resumes_a_dropped_post(serve_gateway: ServeGateway) -> None:
+    from cutting_proxy import cutting_proxy
+
+    from ssehub.client import connect, iter_openai
+
+    with serve_gateway(demo_delay=0.005) as url:
+        expected = full_reply(url)
+        with cutting_proxy(_port(url), cut_after=3000) as (proxy, relayed):
+            source = connect(proxy + "/v1/chat/completions", method="POST", json=BODY)
+            with source:
+                objects = list(iter_openai(source))
+    assert len(relayed) == 2, "dropped once, resumed once"
+    assert text_of(objects) == expected
+    assert len({o["id"] for o in objects}) == 1
+
+
+def test_chat_cli_resumes_a_dropped_reply(serve_gateway: ServeGateway) -> None:
+    from click.testing import CliRunner
+    from cutting_proxy import cutting_proxy
+
+    from ssehub.cli import main
+
+    with serve_gateway(demo_delay=0.005) as url:
+        expected = full_reply(url)
+        with cutting_proxy(_port(url), cut_after=3000) as (proxy, relayed):
+            prompt = MESSAGES[0]["content"]
+            result = CliRunner().invoke(main, ["chat", prompt, "--server", proxy])
+    assert result.exit_code == 0, result.output
+    assert len(relayed) == 2
+    assert result.stdout.strip() == expected

@@ -49,6 +49,7 @@ class _Reply:
         self.chunks = 0
         self.tool_calls: dict[int, dict[str, str]] = {}
         self.in_reasoning = False
+        self.completion_id: str | None = None
 
     def write(self, text: str, dim: bool = False) -> None:
         if self.color and dim:
@@ -106,20 +107,19 @@ class _Reply:
         return " · ".join(parts)
 
 
-def _read(source: EventSource, reply: _Reply) -> tuple[bool, str | None]:
-    """Read `source` to `[DONE]`; returns (done, the completion id if the server said)."""
-    completion_id = None
+def _read(source: EventSource, reply: _Reply) -> bool:
+    """Read `source` to `[DONE]` (True), or until it ends or breaks before (False)."""
     with source:
         for event in source:
-            if completion_id is None and source.response is not None:
-                completion_id = source.response.headers.get("ssehub-completion-id")
+            if reply.completion_id is None and source.response is not None:
+                reply.completion_id = source.response.headers.get("ssehub-completion-id")
             if event.event == "message" and event.data.strip() == "[DONE]":
-                return True, completion_id
+                return True
             chunk = openai_chunk(event)
             if chunk is not None:
-                completion_id = completion_id or chunk.get("id")
+                reply.completion_id = reply.completion_id or chunk.get("id")
                 reply.take(chunk)
-    return False, completion_id
+    return False
 
 
 @click.command()
@@ -177,19 +177,18 @@ def chat(
         reconnect=False,
         idle_timeout=timeout,
     )
-    completion_id: str | None = None
     attempts = 0
     try:
         while True:
             try:
-                done, seen_id = _read(source, reply)
+                done = _read(source, reply)
             except ConnectionLost:
-                done, seen_id = False, None
-                if completion_id is None and reply.chunks == 0:
+                done = False
+                if reply.completion_id is None:
                     raise
-            completion_id = completion_id or seen_id
             if done:
                 break
+            completion_id = reply.completion_id
             if completion_id is None or attempts > RESUME_ATTEMPTS:
                 raise click.ClickException("the stream ended before [DONE] and cannot resume")
             attempts += 1

@@ -81,12 +81,17 @@ def error_response(error: GatewayError) -> Response:
     return json_response(error.body(), error.status)
 
 
-def event_stream(body: AsyncIterator[bytes], completion_id: str) -> Response:
-    return StreamingResponse(
-        body,
-        media_type="text/event-stream; charset=utf-8",
-        headers={**_STREAM_HEADERS, "ssehub-completion-id": completion_id},
-    )
+def event_stream(body: AsyncIterator[bytes], completion_id: str, kind: Kind) -> Response:
+    base = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    headers = {
+        **_STREAM_HEADERS,
+        "ssehub-completion-id": completion_id,
+        # RFC 9110 8.7: the resource this stream is a representation of. A client whose
+        # POST's connection breaks resumes there with GET and Last-Event-ID instead of
+        # starting a second completion (ssehub.client does).
+        "content-location": f"{base}/{completion_id}/stream",
+    }
+    return StreamingResponse(body, media_type="text/event-stream; charset=utf-8", headers=headers)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -132,7 +137,9 @@ async def _complete(request: Request, kind: Kind) -> Response:
     except GatewayError as error:
         return error_response(error)
     gateway.runs.start(completion_id, backend, source, tally)
-    return event_stream(gateway.runs.read(completion_id, None, _shutdown(request)), completion_id)
+    return event_stream(
+        gateway.runs.read(completion_id, None, _shutdown(request)), completion_id, kind
+    )
 
 
 async def chat_completions(request: Request) -> Response:
@@ -183,8 +190,9 @@ async def resume(request: Request) -> Response:
     except GatewayError as error:
         return error_response(error)
     cursor = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    kind: Kind = "text" if completion_id.startswith("cmpl-") else "chat"
     return event_stream(
-        gateway.runs.read(completion_id, cursor or None, _shutdown(request)), completion_id
+        gateway.runs.read(completion_id, cursor or None, _shutdown(request)), completion_id, kind
     )
 
 
