@@ -249,8 +249,17 @@ async def openai(request: Request, recorder: Recorder, send: Send) -> str:
     return HOLD
 
 
+async def redirect(request: Request, recorder: Recorder, send: Send) -> str:
+    """307 to `/numbers` with the same query (EventSource follows redirects)."""
+    location = f"/numbers?{request.url.query}".encode()
+    await _start(send, 307, [(b"location", location), (b"content-length", b"0")])
+    await _body(send, b"", more=False)
+    return DONE
+
+
 def build_app(recorder: Recorder) -> Starlette:
     handlers = {
+        "/redirect": redirect,
         "/numbers": numbers,
         "/stall": stall,
         "/status": status,

@@ -118,6 +118,22 @@ def test_starts_from_the_given_last_event_id(server: Server, key: str, collect: 
     assert server.seen.of(key)[0].last_event_id == "7"
 
 
+def test_a_last_event_id_header_is_a_starting_id(
+    server: Server, key: str, collect: Collect
+) -> None:
+    url = server("/numbers", key, count=4, drop=3)
+    run = collect(url, headers={"Last-Event-ID": "1"}, reconnect=FAST)
+    assert run.ids == ["2", "3", "4"]
+    assert [r.last_event_id for r in server.seen.of(key)] == ["1", "3", "4"]
+
+
+def test_follows_redirects(server: Server, key: str, collect: Collect) -> None:
+    run = collect(server("/redirect", key, count=2), reconnect=FAST)
+    assert run.error is None
+    assert run.ids == ["1", "2"]
+    assert [r.path for r in server.seen.of(key)] == ["/redirect", "/numbers"] * 2
+
+
 def test_resumes_from_a_non_ascii_id(server: Server, key: str, collect: Collect) -> None:
     # Last-Event-ID is sent as UTF-8 (an httpx str header would have to be ASCII).
     run = collect(server("/numbers", key, count=3, drop=1, prefix="%C3%A91-"), reconnect=FAST)
@@ -336,6 +352,11 @@ def test_iterating_without_a_with_block(server: Server, key: str) -> None:
 def test_rejects_an_id_that_no_stream_can_hold() -> None:
     with pytest.raises(ValueError, match="must not contain CR, LF or NUL"):
         connect("http://127.0.0.1:1/", last_event_id="1\n2")
+
+
+def test_rejects_a_malformed_url_at_once() -> None:
+    with pytest.raises(httpx.InvalidURL):
+        connect("http://[::1/")
 
 
 def test_rejects_json_and_content_together() -> None:

@@ -109,7 +109,7 @@ class AsyncEventSource:
         state = self._state
         try:
             response = await client.send(state.build_request(client), stream=True)
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:  # the connection failed or broke
             self._wait = state.failed(state.transport_error(exc))
             return
         self.response = response
@@ -141,7 +141,7 @@ class AsyncEventSource:
                 decoder.close()
             self._wait = state.ended()
             return
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:  # the connection failed or broke
             self._wait = state.failed(state.transport_error(exc))
             return
         finally:

@@ -64,9 +64,12 @@ class SourceState:
         if json is not None and content is not None:
             raise TypeError("pass json= or content=, not both")
         self.method = method.upper()
-        self.url = url
+        self.url = httpx.URL(url)  # a malformed URL fails here, not in the first iteration
         self.params = params
         self.headers = httpx.Headers(headers)
+        if last_event_id is None:
+            # A `Last-Event-ID` among the headers is a starting id given another way.
+            last_event_id = self.headers.get("Last-Event-ID")
         if json is not None:
             # Serialized once: a reconnection re-sends the very same bytes.
             self.content: bytes | None = orjson.dumps(json)
@@ -154,13 +157,13 @@ class SourceState:
             body=snippet,
         )
 
-    def transport_error(self, exc: httpx.TransportError) -> SSEError:
+    def transport_error(self, exc: httpx.RequestError) -> SSEError:
         """The exception for a failed connection; raises when trying again cannot help."""
         if _has_request(exc):
             where = f"{exc.request.method} {exc.request.url}"
         else:
             where = f"{self.method} {self.url}"
-        if isinstance(exc, httpx.UnsupportedProtocol):
+        if isinstance(exc, httpx.UnsupportedProtocol | httpx.TooManyRedirects):
             raise SSEError(f"{where}: {_describe(exc)}") from exc
         if isinstance(exc, httpx.ReadTimeout):
             error: SSEError = IdleTimeout(
@@ -258,7 +261,7 @@ def _is_event_stream(response: httpx.Response) -> bool:
     return media_type.strip().lower() == "text/event-stream"
 
 
-def _has_request(exc: httpx.TransportError) -> bool:
+def _has_request(exc: httpx.RequestError) -> bool:
     try:
         exc.request  # noqa: B018 - raises RuntimeError when httpx did not attach one
     except RuntimeError:
@@ -266,6 +269,6 @@ def _has_request(exc: httpx.TransportError) -> bool:
     return True
 
 
-def _describe(exc: httpx.TransportError) -> str:
+def _describe(exc: httpx.RequestError) -> str:
     text = str(exc) or type(exc).__name__
     return " ".join(text.split())

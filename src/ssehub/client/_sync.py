@@ -104,7 +104,7 @@ class EventSource:
         state = self._state
         try:
             response = client.send(state.build_request(client), stream=True)
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:  # the connection failed or broke
             self._wait = state.failed(state.transport_error(exc))
             return
         self.response = response
@@ -134,7 +134,7 @@ class EventSource:
                 decoder.close()
             self._wait = state.ended()
             return
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:  # the connection failed or broke
             self._wait = state.failed(state.transport_error(exc))
             return
         finally:
