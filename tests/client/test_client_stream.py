@@ -245,28 +245,36 @@ def test_idle_timeout_notices_a_silent_connection(
     server: Server, key: str, collect: Collect
 ) -> None:
     started = time.monotonic()
-    run = collect(server("/stall", key), idle_timeout=0.3, reconnect=False)
+    run = collect(server("/stall", key), idle_timeout=1.0, reconnect=False)
     assert run.data == ["hello"]
     assert isinstance(run.error, IdleTimeout)
-    assert "no data for 0.3s" in str(run.error)
+    assert "no data for 1s" in str(run.error)
     assert time.monotonic() - started < 10
     wait_for(lambda: key in server.seen.disconnected, what="the server to see the client go")
 
 
 def test_idle_timeout_reconnects_and_resumes(server: Server, key: str, collect: Collect) -> None:
-    run = collect(server("/numbers", key, count=4, stall=2), idle_timeout=0.3, reconnect=FAST)
+    run = collect(server("/numbers", key, count=4, stall=2), idle_timeout=1.0, reconnect=FAST)
     assert run.error is None
     assert run.ids == ["1", "2", "3", "4"]
     assert [r.last_event_id for r in server.seen.of(key)] == [None, "2", "4"]
 
 
 def test_heartbeats_count_as_life(server: Server, key: str, collect: Collect) -> None:
-    # 0.8 s between events, longer than the idle timeout: only the heartbeat comments every
+    # 2 s between events, longer than the idle timeout: only the heartbeat comments every
     # 0.1 s (which the decoder drops) keep the connection from being taken for dead.
-    url = server("/numbers", key, count=2, gap=0.8, beat=0.1)
-    run = collect(url, idle_timeout=0.4, reconnect=False)
+    url = server("/numbers", key, count=2, gap=2.0, beat=0.1)
+    run = collect(url, idle_timeout=1.0, reconnect=False)
     assert run.error is None
     assert run.ids == ["1", "2"]
+
+
+def test_without_heartbeats_the_same_gap_times_out(
+    server: Server, key: str, collect: Collect
+) -> None:
+    run = collect(server("/numbers", key, count=2, gap=2.0), idle_timeout=1.0, reconnect=False)
+    assert run.events == []
+    assert isinstance(run.error, IdleTimeout)
 
 
 def test_post_json_is_sent_again_with_last_event_id(
