@@ -26,6 +26,9 @@ let state = load();
 let views = [];
 let active = null; // {index, controller} while a reply streams
 let renderQueued = new Set();
+// Set when the page goes away (reload, navigation): the stream it cuts must not be saved
+// as stopped or failed, so that the next load resumes it.
+let leaving = false;
 
 function load() {
   try {
@@ -212,6 +215,7 @@ function stream(index, request) {
     maxRetries: 5,
   })
     .then((result) => {
+      if (leaving) return;
       if (result.outcome === "aborted") {
         message.status = "stopped";
       } else if (message.status === "streaming") {
@@ -219,10 +223,12 @@ function stream(index, request) {
       }
     })
     .catch((error) => {
+      if (leaving) return;
       message.status = "error";
       message.error = error.message || String(error);
     })
     .finally(() => {
+      if (leaving) return;
       if (state.pending) message.meta.durationMs = Date.now() - state.pending.startedAt;
       state.pending = null;
       active = null;
@@ -350,6 +356,14 @@ $("new-chat").addEventListener("click", () => {
   save();
   renderAll();
   prompt.focus();
+});
+
+addEventListener("pagehide", () => {
+  leaving = true;
+});
+addEventListener("pageshow", (event) => {
+  // Back from the back/forward cache with a stream cut off: start over from storage.
+  if (event.persisted && leaving) location.reload();
 });
 
 renderAll();
