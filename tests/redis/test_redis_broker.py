@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from redis_server import RedisServer, redis_server
-from ssehub.broker import Batch, BrokerUnavailable, Entry, StreamClosed
+from ssehub.broker import Batch, BrokerUnavailable, Entry, Retention, StreamClosed
 from ssehub.broker import redis as redis_broker
 from ssehub.broker.redis import RedisBroker
 
@@ -287,3 +287,19 @@ async def _until(check: object, within: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("timed out")
         await asyncio.sleep(0.05)
+
+
+async def test_a_feed_trimmed_faster_than_it_reads_reports_the_gap(
+    pair: tuple[RedisBroker, RedisBroker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_broker, "_READ_COUNT", 2)
+    a, b = pair
+    first = await a.append("channel:t", [("message", "0")])
+    tail = b.tail("channel:t", first[0].id)
+    waiting = asyncio.ensure_future(collect(tail, 4))
+    await asyncio.sleep(0.2)  # the tail is live, blocked in the reader's XREAD
+    # Six at once, four kept: two were trimmed before any reader could see them.
+    await a.append("channel:t", [("message", str(i)) for i in range(1, 7)], Retention(max_len=4))
+    entries, batches = await waiting
+    assert any(x.gap for x in batches)
+    assert [e.data for e in entries][-4:] == ["3", "4", "5", "6"]

@@ -55,7 +55,11 @@ _EVENT, _DATA, _CLOSED = "e", "d", "c"
 _CLOSED_ERROR = "SSEHUB_CLOSED"
 _ZERO = "0-0"
 # Entries a feed keeps for its tails; a tail further behind reads the log in Redis.
-_FEED_WINDOW = 4096
+_FEED_WINDOW = 1024
+# Entries one XREAD takes per stream; a stream with more waiting is read again at once.
+_READ_COUNT = 1000
+# An idle stream found without a lease is asked again less and less often, up to this.
+_LEASE_CHECK_MAX = 30.0
 
 # The Lua scripts run atomically in Redis: "is it closed?" and the write that depends on
 # the answer cannot be split by another node's close. Ages use Redis's clock (TIME), the
@@ -129,10 +133,11 @@ return 1
 """
 
 # KEYS: stream, lease. ARGV: keep ms, '1' to end it now (the holder left without closing).
-# Returns 1 when it ended the stream with the holder's `lost` event.
+# Returns 1 when it ended the stream with the holder's `lost` events, 0 when the lease
+# holds, -1 when there is no lease.
 _REAP = f"""
 local lease = redis.call('HMGET', KEYS[2], 'deadline', 'lost')
-if not lease[1] then return 0 end
+if not lease[1] then return -1 end
 if ARGV[2] ~= '1' then
   {_NOW_MS}
   if tonumber(lease[1]) >= now then return 0 end
@@ -186,6 +191,8 @@ class _Feed:
 
     __slots__ = (
         "changed",
+        "check_at",
+        "check_every",
         "closed",
         "covered",
         "cursor",
@@ -208,6 +215,8 @@ class _Feed:
         # Bumped when Redis came back: tails re-check their cursor against the log.
         self.epoch = 0
         self.idle_since = time.monotonic()
+        self.check_at = 0.0
+        self.check_every = 0.0
         self.changed = asyncio.Event()
 
     def push(self, entries: list[Entry], closed: bool) -> None:
@@ -621,7 +630,7 @@ class RedisBroker(Broker):
                         feed.reset()
                 reply = await self._reader_redis.xread(
                     streams,  # type: ignore[arg-type]
-                    count=1000,
+                    count=_READ_COUNT,
                     block=self._block_ms,
                 )
             except _UNAVAILABLE as exc:
@@ -637,36 +646,77 @@ class RedisBroker(Broker):
                 continue
             backoff = 0.05
             self._up()
+            fetched: list[tuple[_Feed, _Items]] = []
             for key, items in cast(list[tuple[str, _Items]], reply or []):
                 if key == self._wake_key:
                     wake_cursor = items[-1][0]
                     continue
                 fed = self._feeds.get(key)
-                if fed is None or not items:
-                    continue
+                if fed is not None and items:
+                    fetched.append((fed, items))
+            # A stream with more waiting than one read takes may be trimmed faster than it
+            # is read: checked before anything is handed on, so the gap is not hidden.
+            behind = [f for f, items in fetched if len(items) == _READ_COUNT]
+            trimmed = await self._trimmed_past_cursor(behind) if behind else set()
+            for fed, items in fetched:
                 entries, closed = _entries(items)
                 fed.cursor = items[-1][0]
-                fed.push(entries, closed)
+                if fed in trimmed:
+                    fed.reset()  # its tails go back to the log, which reports the gap
+                else:
+                    fed.push(entries, closed)
+
+    async def _trimmed_past_cursor(self, feeds: list[_Feed]) -> set[_Feed]:
+        try:
+            with self._calling():
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for feed in feeds:
+                        pipe.xinfo_stream(feed.key)
+                    infos = await pipe.execute(raise_on_error=False)
+        except BrokerError:
+            return set()
+        trimmed = set()
+        for feed, info in zip(feeds, infos, strict=True):
+            if isinstance(info, BaseException):
+                continue
+            deleted = parse_id(info["max-deleted-entry-id"]) or (0, 0)
+            if deleted > (parse_id(feed.cursor) or (0, 0)):
+                trimmed.add(feed)
+        return trimmed
 
     async def _watch_leases(self) -> None:
-        """Every `lease_check` seconds, ask for idle streams whether their producer lapsed."""
+        """Ask, for streams idle here, whether their producer's lease lapsed.
+
+        Every `lease_check` seconds for a stream with a lease; one found without is asked
+        again after twice as long each time, up to `_LEASE_CHECK_MAX` (a channel never
+        has one; a completion has one from before its first event).
+        """
         keep = int(self.closed_ttl * 1000)
         while not self._closing:
             await asyncio.sleep(self.lease_check)
             now = time.monotonic()
-            idle = [
-                f.stream
+            due = [
+                f
                 for f in self._feeds.values()
-                if not f.closed and now - f.idle_since >= self.lease_check
+                if not f.closed and now - f.idle_since >= self.lease_check and now >= f.check_at
             ]
-            if not idle or not self._available:
+            if not due or not self._available:
                 continue
             try:
                 with self._calling():
                     async with self._redis.pipeline(transaction=False) as pipe:
-                        for stream in idle:
-                            keys = [self._stream_key(stream), self._lease_key(stream)]
+                        for feed in due:
+                            keys = [feed.key, self._lease_key(feed.stream)]
                             await self._reap(keys=keys, args=[keep, "0"], client=pipe)
-                        await pipe.execute()
+                        answers = await pipe.execute()
             except BrokerError as exc:
                 log.debug("lease check failed: %s", exc)
+                continue
+            for feed, answer in zip(due, answers, strict=True):
+                if answer == -1:
+                    feed.check_every = min(
+                        max(feed.check_every * 2, self.lease_check * 2), _LEASE_CHECK_MAX
+                    )
+                else:
+                    feed.check_every = self.lease_check
+                feed.check_at = now + feed.check_every
