@@ -95,6 +95,7 @@ class Runs:
         self._retention = retention
         self._heartbeat = heartbeat
         self._runs: dict[str, Run] = {}
+        self._shutdown: tuple[asyncio.Event, asyncio.Future[Any]] | None = None
 
     def get(self, completion_id: str) -> Run | None:
         return self._runs.get(completion_id)
@@ -292,7 +293,7 @@ class Runs:
         tail = self._broker.tail(run_stream(completion_id), after)
         pending: asyncio.Future[Batch] | None = None
         cursor = after
-        stopping = asyncio.ensure_future(shutdown.wait()) if shutdown is not None else None
+        stopping = self._stopping(shutdown)
         try:
             while True:
                 if pending is None:
@@ -340,9 +341,15 @@ class Runs:
                 self.detach(run)
             if pending is not None:
                 pending.cancel()
-            if stopping is not None:
-                stopping.cancel()
             await _aclose(tail)
+
+    def _stopping(self, shutdown: asyncio.Event | None) -> asyncio.Future[Any] | None:
+        """One future for all readers that completes when `shutdown` is set."""
+        if shutdown is None:
+            return None
+        if self._shutdown is None or self._shutdown[0] is not shutdown:
+            self._shutdown = (shutdown, asyncio.ensure_future(shutdown.wait()))
+        return self._shutdown[1]
 
     async def _drain(self, completion_id: str, cursor: str | None) -> AsyncIterator[bytes]:
         while True:
@@ -356,6 +363,8 @@ class Runs:
 
     async def aclose(self) -> None:
         """Stop every run (their logs get an error event and `[DONE]`) and wait for them."""
+        if self._shutdown is not None:
+            self._shutdown[1].cancel()
         runs = list(self._runs.values())
         for run in runs:
             self._stop(run, "shutdown")

@@ -184,10 +184,11 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         # Reads wait long: a reasoning model may think for minutes between tokens.
-        self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=10.0, read=600.0, write=30.0, pool=10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        self._timeout = httpx.Timeout(connect=10.0, read=600.0, write=30.0, pool=10.0)
+        self._transport = httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)
         )
+        self._client = client or httpx.AsyncClient(timeout=self._timeout, transport=self._transport)
 
     def _headers(self, authorization: str | None) -> dict[str, str]:
         headers = {"accept": "text/event-stream, application/json"}
@@ -252,16 +253,22 @@ class Upstream:
         answer 200 with an event stream: the client then gets an HTTP error, not a stream.
         """
         url = self.base_url + path
-        request = self._client.build_request(
+        request = httpx.Request(
             "POST",
             url,
             content=orjson.dumps(body),
             headers={**self._headers(authorization), "content-type": "application/json"},
+            extensions={"timeout": self._timeout.as_dict()},
         )
         try:
-            response = await self._client.send(request, stream=True)
+            # Straight to the transport (httpx's connection pool): the client layer adds
+            # auth flows, redirects and a cookie jar parse per response, none of which a
+            # relay wants, and costs more CPU than the relaying itself on the path to the
+            # first token.
+            response = await self._transport.handle_async_request(request)
         except httpx.HTTPError as exc:
             raise _transport_error(exc, url) from exc
+        response.request = request
         try:
             content_type = response.headers.get("content-type", "")
             if response.status_code != 200:
@@ -284,6 +291,7 @@ class Upstream:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._transport.aclose()
 
 
 async def _read_some(response: httpx.Response) -> bytes:
