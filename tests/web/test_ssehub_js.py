@@ -341,3 +341,50 @@ def test_abort_while_waiting_to_reconnect(js: Any) -> None:
     out = _run(js, [{"throws": True}], retry=60_000, untilDone=True, abortOnReconnect=True)
     assert out["result"]["outcome"] == "aborted"
     assert len(out["calls"]) == 1
+
+
+def test_a_resumed_stream_keeps_the_id_it_resumed_from(js: Any) -> None:
+    # Events without an `id` after a reconnect carry the resumed-from id (as browsers do),
+    # so a second reconnect still resumes from there, not from the start.
+    out = _run(
+        js,
+        [
+            {"chunks": ["id: 5\ndata: a\n\n"], "error": True},
+            {"chunks": ["data: b\n\n"], "error": True},
+            {"chunks": ["data: [DONE]\n\n"]},
+        ],
+        retry=5,
+        untilDone=True,
+    )
+    assert out["events"] == ["a", "b", "[DONE]"]
+    assert [c["lastEventId"] for c in out["calls"]] == [None, "5", "5"]
+
+
+def test_an_event_over_the_size_bound_fails_the_stream(js: Any) -> None:
+    out = _run(
+        js,
+        [{"chunks": ["data: ok\n\n", "data: " + "x" * 50, "x" * 50, "\n\n"]}],
+        maxEventSize=64,
+        untilDone=True,
+    )
+    assert out["events"] == ["ok"]
+    assert out["error"]["name"] == "EventStreamError"
+    assert "exceeds maxEventSize" in out["error"]["message"]
+    assert len(out["calls"]) == 1
+
+
+def test_parser_bound_counts_data_lines_too(js: Any) -> None:
+    result = js.evaluate(
+        """async () => {
+            const m = await import('/static/ssehub.js');
+            const events = [];
+            const p = new m.EventStreamParser((e) => events.push(e.data), { maxEventSize: 9 });
+            p.feed('data: 12345\\n\\n');
+            let error = null;
+            try { p.feed('data: 1234\\ndata: 5678\\n'); } catch (e) { error = e.message; }
+            p.feed('data: after\\n\\n');
+            return { events, error };
+        }"""
+    )
+    assert result["events"] == ["12345", "after"]
+    assert "exceeds maxEventSize" in result["error"]

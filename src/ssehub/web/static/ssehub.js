@@ -22,29 +22,43 @@ export class ServerSentEvent {
 }
 
 /**
+ * The default bound on the characters held for one event (its data plus an unterminated
+ * line), as in the Python decoder: an event stream has no length prefix, so without a
+ * bound a server that never ends a line makes the client buffer without end.
+ */
+export const DEFAULT_MAX_EVENT_SIZE = 16 * 1024 * 1024;
+
+/**
  * Incremental parser. Feed it decoded text in chunks of any size (a line break, even a CRLF
  * pair, may be split across chunks); it calls `onEvent` for each dispatched event.
  *
  * - `lastEventId`: the last event ID string (what a reconnect sends as Last-Event-ID).
+ *   The option sets where it starts: like browsers (and ssehub's Python decoder), a
+ *   resumed stream's events without an `id` keep the id the client resumed from.
  * - `retry`: the reconnection time in ms set by the stream, or null.
+ * - `maxEventSize`: beyond it `feed` throws an EventStreamError and drops its state; the
+ *   connection should be dropped too.
  *
  * Work is linear in the input: a partial line is kept as a list of pieces and joined once,
  * when its end arrives, so text arriving a character at a time is not re-scanned.
  */
 export class EventStreamParser {
-  constructor(onEvent, { onRetry = null, onComment = null } = {}) {
+  constructor(
+    onEvent,
+    {
+      onRetry = null,
+      onComment = null,
+      lastEventId = "",
+      maxEventSize = DEFAULT_MAX_EVENT_SIZE,
+    } = {},
+  ) {
     this.onEvent = onEvent;
     this.onRetry = onRetry;
     this.onComment = onComment;
-    this.lastEventId = "";
+    this.lastEventId = lastEventId;
     this.retry = null;
-    this._pieces = [];
-    this._started = false;
-    this._afterCR = false;
-    this._data = [];
-    this._hasData = false;
-    this._eventType = "";
-    this._idBuffer = "";
+    this.maxEventSize = maxEventSize;
+    this.end();
   }
 
   /** Feed a chunk of decoded text. */
@@ -67,6 +81,7 @@ export class EventStreamParser {
       this._pieces.push(text.slice(start, i));
       const line = this._pieces.length === 1 ? this._pieces[0] : this._pieces.join("");
       this._pieces = [];
+      this._pendingSize = 0;
       if (c === CR) {
         if (i + 1 < n) {
           if (text.charCodeAt(i + 1) === LF) i++;
@@ -77,7 +92,22 @@ export class EventStreamParser {
       start = i + 1;
       this._line(line);
     }
-    if (start < n) this._pieces.push(text.slice(start));
+    if (start < n) {
+      this._pieces.push(text.slice(start));
+      this._pendingSize += n - start;
+      this._checkSize();
+    }
+  }
+
+  _checkSize() {
+    const size = this._dataSize + this._pendingSize;
+    if (size > this.maxEventSize) {
+      this.end();
+      throw new EventStreamError(
+        `server-sent event exceeds maxEventSize: ${size} characters buffered for one event ` +
+          `or line, the limit is ${this.maxEventSize}`,
+      );
+    }
   }
 
   /** The stream ended: "any pending data must be discarded" (an event without its blank line). */
@@ -85,10 +115,13 @@ export class EventStreamParser {
     // A reconnection is a new stream: its own leading BOM is dropped too.
     this._started = false;
     this._pieces = [];
+    this._pendingSize = 0;
     this._afterCR = false;
     this._data = [];
+    this._dataSize = 0;
     this._hasData = false;
     this._eventType = "";
+    this._idBuffer = this.lastEventId;
   }
 
   _line(line) {
@@ -119,6 +152,8 @@ export class EventStreamParser {
       case "data":
         this._data.push(value);
         this._hasData = true;
+        this._dataSize += value.length + 1;
+        this._checkSize();
         break;
       case "id":
         if (!value.includes("\0")) this._idBuffer = value;
@@ -146,6 +181,7 @@ export class EventStreamParser {
     const data = this._data.join("\n");
     const type = this._eventType || "message";
     this._data = [];
+    this._dataSize = 0;
     this._hasData = false;
     this._eventType = "";
     this.onEvent(new ServerSentEvent(type, data, this.lastEventId));
@@ -244,6 +280,7 @@ export async function fetchEventStream(url, options = {}) {
     retry = 1000,
     maxRetry = 30000,
     maxRetries = 8,
+    maxEventSize = DEFAULT_MAX_EVENT_SIZE,
     fetch: fetchImpl = globalThis.fetch.bind(globalThis),
   } = options;
 
@@ -311,6 +348,9 @@ export async function fetchEventStream(url, options = {}) {
             baseDelay = ms;
             if (onRetry) onRetry(ms);
           },
+          // An event of this connection without an `id` keeps the id it resumed from.
+          lastEventId: last,
+          maxEventSize,
         },
       );
       const reader = response.body.getReader();
@@ -328,9 +368,10 @@ export async function fetchEventStream(url, options = {}) {
         }
       } finally {
         if (signal) signal.removeEventListener("abort", onAbort);
-        if (finished) reader.cancel().catch(() => {});
+        // Done early, failed or aborted: release the connection (a no-op after its end).
+        reader.cancel().catch(() => {});
         parser.end();
-        last = parser.lastEventId || last;
+        last = parser.lastEventId;
       }
       if (signal && signal.aborted) return { outcome: "aborted", lastEventId: last, reconnects };
       if (finished || !until) {
