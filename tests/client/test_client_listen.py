@@ -50,11 +50,11 @@ def test_json_lines_when_stdout_is_not_a_terminal(server: Server, key: str) -> N
 
 
 def test_json_flag_and_event_types(server: Server, key: str) -> None:
-    result = listen(server("/numbers", key, count=2, type="tick"), "--json")
+    result = listen(server("/numbers", key, count=2, type="tick", retry=10), "--json")
     assert result.returncode == 0, result.stderr
     assert json_lines(result.stdout) == [
-        {"event": "tick", "data": "event 1", "id": "1", "retry": None},
-        {"event": "tick", "data": "event 2", "id": "2", "retry": None},
+        {"event": "tick", "data": "event 1", "id": "1", "retry": 10},
+        {"event": "tick", "data": "event 2", "id": "2", "retry": 10},
     ]
 
 
@@ -101,7 +101,7 @@ def test_data_implies_post_and_reads_files_and_stdin(
 
 
 def test_last_event_id(server: Server, key: str) -> None:
-    result = listen(server("/numbers", key, count=10), "--last-event-id", "7")
+    result = listen(server("/numbers", key, count=10, retry=10), "--last-event-id", "7")
     assert result.returncode == 0, result.stderr
     assert [line["id"] for line in json_lines(result.stdout)] == ["8", "9", "10"]
     assert server.seen.of(key)[0].last_event_id == "7"
@@ -184,7 +184,7 @@ def test_ctrl_c_exits_130_without_traceback(server: Server, key: str) -> None:
 def test_a_terminal_gets_coloured_readable_events(server: Server, key: str) -> None:
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(
-        [*LISTEN, server("/numbers", key, count=2, json=1, type="tick")],
+        [*LISTEN, server("/numbers", key, count=2, json=1, type="tick", retry=10)],
         stdin=terminal,
         stdout=terminal,
         stderr=terminal,
