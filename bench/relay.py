@@ -116,6 +116,18 @@ def cpu_seconds(proc: subprocess.Popen[bytes]) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def reference_loop_us() -> float:
+    """A fixed piece of pure Python, best of 5: how fast this machine runs Python now
+    (about 10-15 us on an idle modern core; more when other processes share it)."""
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(200):
+            sum(range(1000))
+        best = min(best, (time.perf_counter() - start) / 200)
+    return best * 1e6
+
+
 def body(chunks: int) -> dict[str, Any]:
     return {
         "model": f"fast-{chunks}",
@@ -226,6 +238,7 @@ def main() -> None:
         }
     added = results["gateway"]["ttft_median_ms"] - results["direct"]["ttft_median_ms"]
     results["added_ttft_median_ms"] = added
+    results["reference_loop_us"] = reference_loop_us()
     results["gateway_cpu_ms_per_request"] = gateway_cpu / args.requests * 1000
     results["gateway_chunks_per_cpu_second"] = max(cpu_rates)
     results["gateway_cpus"] = sorted(gateway_cpus) if _pin(gateway_cpus) else "unpinned"
@@ -244,6 +257,10 @@ def main() -> None:
         f"gateway CPU per 8-chunk request: {results['gateway_cpu_ms_per_request']:.2f} ms; "
         f"chunks per gateway CPU-second: {results['gateway_chunks_per_cpu_second']:,.0f} "
         "(CPU time: what the figures would be on an idle core)"
+    )
+    print(
+        f"machine speed now: reference loop {results['reference_loop_us']:.0f} us "
+        "(an idle modern core: ~12 us)"
     )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
