@@ -142,14 +142,16 @@ def test_a_completion_begun_on_one_node_is_resumed_on_another(nodes: tuple[str, 
 
 def test_several_workers_share_channels(redis: RedisServer) -> None:
     with serve_in_process(*node_args(redis, "--workers", "3")) as (base, _):
+        # The port answers as soon as the first worker does; three start on a busy machine.
+        wait_for(lambda: _healthy(base), 60, 0.2, "the workers")
         channel = f"workers-{uuid.uuid4().hex[:6]}"
         # Each connection lands on whichever worker accepts it.
         listeners = [Listener("GET", f"{base}/channels/{channel}") for _ in range(6)]
         try:
-            wait_for(lambda: all(x.status == 200 for x in listeners), 15, 0.02, "subscriptions")
+            wait_for(lambda: all(x.status == 200 for x in listeners), 60, 0.02, "subscriptions")
             ids = [publish(base, channel, f"m{i}")[0] for i in range(5)]
             for listener in listeners:
-                listener.wait(5)
+                listener.wait(5, timeout=30)
                 assert listener.data() == [f"m{i}" for i in range(5)]
                 assert [e.id for e in listener.events if e.event == "message"] == ids
             pids = {httpx.get(f"{base}/healthz", timeout=5).status_code for _ in range(3)}
@@ -157,6 +159,13 @@ def test_several_workers_share_channels(redis: RedisServer) -> None:
         finally:
             for listener in listeners:
                 listener.close()
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def test_redis_restarted_under_open_streams() -> None:
