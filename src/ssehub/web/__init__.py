@@ -48,21 +48,24 @@ class StaticFile:
 
 
 @cache
+def _shipped() -> dict[str, StaticFile]:
+    # Read once, the whole (small) folder: lookups are then by exact name only, so no
+    # request path can reach outside it, and unknown names cost no cache entry.
+    files: dict[str, StaticFile] = {}
+    for node in resources.files(__name__).joinpath("static").iterdir():
+        suffix = "." + node.name.rsplit(".", 1)[-1]
+        content_type = _CONTENT_TYPES.get(suffix)
+        if not node.is_file() or node.name.startswith(".") or content_type is None:
+            continue
+        body = node.read_bytes()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        files[node.name] = StaticFile(node.name, body, content_type, etag)
+    return files
+
+
 def static_file(name: str) -> StaticFile | None:
-    """The shipped file `static/<name>`, or None for anything else (incl. `..` tricks)."""
-    parts = name.split("/")
-    if not name or any(part in {"", ".", ".."} or part.startswith(".") for part in parts):
-        return None
-    suffix = "." + name.rsplit(".", 1)[-1] if "." in name else ""
-    content_type = _CONTENT_TYPES.get(suffix)
-    if content_type is None:
-        return None
-    node = resources.files(__name__).joinpath("static", *parts)
-    if not node.is_file():
-        return None
-    body = node.read_bytes()
-    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-    return StaticFile(name=name, body=body, content_type=content_type, etag=etag)
+    """The shipped file `static/<name>`, or None for any other name."""
+    return _shipped().get(name)
 
 
 def _respond(request: Request, file: StaticFile) -> Response:
