@@ -45,7 +45,7 @@ class Listener:
     def data(self, event: str | None = "message") -> list[str]:
         return [e.data for e in self.events if event is None or e.event == event]
 
-    def wait(self, count: int, event: str | None = "message", timeout: float = 20.0) -> None:
+    def wait(self, count: int, event: str | None = "message", timeout: float = 30.0) -> None:
         wait_for(
             lambda: len(self.data(event)) >= count or self.ended.is_set(),
             timeout,
@@ -54,7 +54,7 @@ class Listener:
         )
         assert len(self.data(event)) >= count, (self.events, self.error)
 
-    def wait_ended(self, timeout: float = 20.0) -> None:
+    def wait_ended(self, timeout: float = 30.0) -> None:
         wait_for(self.ended.is_set, timeout, 0.02, "the stream to end")
 
     def close(self) -> None:
