@@ -111,7 +111,8 @@ def awkward_bytes(events: list[str]) -> list[bytes]:
     for i, data in enumerate(events):
         if i == 2:
             wire += b":keep-alive\r\n"
-        wire += b"data: " + data.encode() + b"\r\n\r\n"
+        field = b"" if data.startswith("event:") else b"data: "  # a whole event, as is
+        wire += field + data.encode() + b"\r\n\r\n"
     pieces: list[bytes] = []
     start = 0
     for i in range(1, len(wire)):
@@ -269,6 +270,8 @@ class FakeUpstream:
                 events = [*events[:4], json.dumps({"error": error})]
             elif model == "fake-garbage":
                 events = [*events[:4], "this is {not json", *events[4:]]
+            elif model == "fake-event-error":
+                events = [*events[:4], "event: error\r\ndata: overloaded, try later"]
             elif model == "fake-cut":
                 events = events[:4]
             else:

@@ -145,3 +145,44 @@ def test_demo_metrics(serve_gateway: ServeGateway) -> None:
     assert ttft == 2
     assert rate == 2
     assert 120 <= tokens <= 400
+
+
+def test_client_gone_before_the_first_token(
+    serve_gateway: ServeGateway, fake_upstream: Upstream
+) -> None:
+    upstream_url, fake = fake_upstream
+    body = {**SLOW, "model": "fake-wait"}
+    with serve_gateway(upstream=upstream_url, first_token_heartbeat=0.05, detach_grace=0.2) as url:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as response:
+            assert response.status_code == 200
+            next(response.iter_raw())  # a heartbeat; then the client leaves
+        (seen,) = fake.requests_for("fake-wait")
+        assert seen.disconnected.wait(10), "the upstream request outlived its client"
+        assert seen.chunks_sent == 0
+        wait_for(
+            lambda: metric(url, "ssehub_gateway_cancellations_total", '{reason="detached"}') == 1,
+            10,
+            0.02,
+            "the detached cancellation",
+        )
+
+
+def test_shutdown_ends_streams_and_runs() -> None:
+    import signal
+    import time
+
+    from _support import serve_in_process
+
+    body = {"model": "ssehub-demo", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    with serve_in_process("--demo-delay", "0.5", "--log-level", "warning") as (url, proc):
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as response:
+            events = iter_events(response)
+            next(events)
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rest = list(events)
+        # The reply would take a minute; the stream ends at once, the server soon after.
+        assert time.monotonic() - start < 3
+        # uvicorn re-raises the signal once it has shut down cleanly.
+        assert proc.wait(timeout=10) in (0, -signal.SIGTERM)
+    assert all(e.data != "[DONE]" for e in rest)

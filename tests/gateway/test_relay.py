@@ -122,7 +122,11 @@ def test_error_mid_stream(relay: str) -> None:
 
 @pytest.mark.parametrize(
     ("model", "message"),
-    [("fake-garbage", "not a JSON object"), ("fake-cut", "before \\[DONE\\]")],
+    [
+        ("fake-garbage", "not a JSON object"),
+        ("fake-cut", "before \\[DONE\\]"),
+        ("fake-event-error", "overloaded, try later"),
+    ],
 )
 def test_bad_streams_end_with_an_error_event(relay: str, model: str, message: str) -> None:
     response, events = post_stream(relay, {"model": model, "messages": MESSAGES})

@@ -19,7 +19,7 @@ import orjson
 
 from ssehub.gateway.chunks import Tally
 from ssehub.gateway.schema import GatewayError, error_body
-from ssehub.protocol import Decoder, EventTooLarge
+from ssehub.protocol import Decoder, EventTooLarge, ServerSentEvent
 
 log = logging.getLogger("ssehub.gateway")
 
@@ -68,6 +68,29 @@ def _transport_error(exc: httpx.HTTPError, url: str) -> GatewayError:
     )
 
 
+def _data_of(events: list[ServerSentEvent]) -> list[str]:
+    """The data of message events; an `event: error` (some servers send errors so) as an
+    error chunk. Other event types (keep-alive `ping`s...) carry no chunk."""
+    out = []
+    for event in events:
+        if event.event == "message":
+            out.append(event.data)
+        elif event.event == "error":
+            try:
+                parsed = orjson.loads(event.data)
+            except orjson.JSONDecodeError:
+                parsed = event.data
+            if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+                out.append(event.data)
+                continue
+            if isinstance(parsed, dict):
+                message = str(parsed.get("message") or event.data)
+            else:
+                message = str(parsed) or "the upstream reported an error"
+            out.append(orjson.dumps(error_body(message, "upstream_error")).decode())
+    return out
+
+
 class UpstreamStream:
     """An upstream response that answered 200 with an event stream."""
 
@@ -83,15 +106,15 @@ class UpstreamStream:
                     events = decoder.feed(raw)
                 except EventTooLarge as exc:
                     if exc.events:
-                        yield [e.data for e in exc.events if e.event == "message"]
+                        yield _data_of(exc.events)
                     raise StreamFailure(
                         error_body(f"the upstream sent a bad stream: {exc}", "upstream_error")
                     ) from exc
                 if events:
-                    yield [e.data for e in events if e.event == "message"]
+                    yield _data_of(events)
             rest = decoder.close()
             if rest:
-                yield [e.data for e in rest if e.event == "message"]
+                yield _data_of(rest)
         except httpx.HTTPError as exc:
             raise StreamFailure(
                 error_body(f"the upstream stream broke: {exc!r}", "upstream_error")
