@@ -96,6 +96,7 @@ class Runs:
         self._heartbeat = heartbeat
         self._runs: dict[str, Run] = {}
         self._shutdown: tuple[asyncio.Event, asyncio.Future[Any]] | None = None
+        self._endings: set[asyncio.Task[None]] = set()
 
     def get(self, completion_id: str) -> Run | None:
         return self._runs.get(completion_id)
@@ -129,7 +130,8 @@ class Runs:
             run.outcome = run.stop_reason or "shutdown"
             if run.outcome == "request":
                 run.outcome = "cancelled"
-            asyncio.get_running_loop().create_task(
+            # Kept referenced until done: the loop holds tasks only weakly.
+            ending = asyncio.get_running_loop().create_task(
                 self._end(
                     run,
                     source,
@@ -143,6 +145,8 @@ class Runs:
                     ],
                 )
             )
+            self._endings.add(ending)
+            ending.add_done_callback(self._endings.discard)
 
     async def _leased(self, run: Run, source: AsyncIterator[list[str]]) -> None:
         # The lease is held while generating: should this process die mid-run, readers on

@@ -1,0 +1,99 @@
+"""The run lifecycle against the broker contract, without HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from ssehub.broker.memory import MemoryBroker
+from ssehub.gateway.metrics import GatewayMetrics
+from ssehub.gateway.runs import Runs, run_stream
+
+
+def make_runs(broker: MemoryBroker, grace: float = 5.0) -> tuple[Runs, CollectorRegistry]:
+    registry = CollectorRegistry()
+    runs = Runs(broker, GatewayMetrics(registry), detach_grace=grace, retention=60, heartbeat=0)
+    return runs, registry
+
+
+async def endless() -> AsyncIterator[list[str]]:
+    i = 0
+    while True:
+        yield [json.dumps({"n": i})]
+        i += 1
+        await asyncio.sleep(0.01)
+
+
+async def log_of(broker: MemoryBroker, completion_id: str) -> list[str]:
+    batch = await broker.read(run_stream(completion_id), None, limit=100_000)
+    assert batch.closed
+    return [entry.data for entry in batch.entries]
+
+
+@pytest.mark.anyio
+async def test_cancel_before_the_first_step() -> None:
+    broker = MemoryBroker()
+    runs, registry = make_runs(broker)
+    run = runs.start("c1", "demo", endless())
+    assert await runs.cancel("c1")
+    data = await log_of(broker, "c1")
+    assert data[-1] == "[DONE]"
+    assert json.loads(data[-2])["error"]["code"] == "request"
+    assert run.outcome == "cancelled"
+    assert runs.get("c1") is None
+    assert not await runs.cancel("c1")
+    value = registry.get_sample_value(
+        "ssehub_gateway_completions_total", {"backend": "demo", "outcome": "cancelled"}
+    )
+    assert value == 1
+
+
+@pytest.mark.anyio
+async def test_shutdown_ends_every_run() -> None:
+    broker = MemoryBroker()
+    runs, registry = make_runs(broker)
+    for name in ("a", "b"):
+        runs.start(name, "upstream", endless())
+    await asyncio.sleep(0.05)
+    await runs.aclose()
+    for name in ("a", "b"):
+        data = await log_of(broker, name)
+        assert json.loads(data[0]) == {"n": 0}
+        assert json.loads(data[-2])["error"]["code"] == "shutdown"
+    assert registry.get_sample_value("ssehub_gateway_active_streams") == 0
+    assert registry.get_sample_value("ssehub_gateway_detached_streams") == 0
+
+
+@pytest.mark.anyio
+async def test_a_failing_model_ends_its_log() -> None:
+    async def broken() -> AsyncIterator[list[str]]:
+        yield ['{"n": 0}']
+        raise RuntimeError("boom")
+
+    broker = MemoryBroker()
+    runs, _ = make_runs(broker)
+    run = runs.start("c2", "demo", broken())
+    await run.ended.wait()
+    data = await log_of(broker, "c2")
+    assert data[0] == '{"n": 0}'
+    assert json.loads(data[1])["error"]["type"] == "server_error"
+    assert data[2] == "[DONE]"
+
+
+@pytest.mark.anyio
+async def test_reader_keeps_a_run_alive_and_its_end_detaches() -> None:
+    broker = MemoryBroker()
+    runs, registry = make_runs(broker, grace=0.05)
+    run = runs.start("c3", "demo", endless())
+    reader = runs.read("c3", None)
+    await anext(reader)
+    await asyncio.sleep(0.2)  # four grace times with a reader: still running
+    assert run.outcome is None
+    assert registry.get_sample_value("ssehub_gateway_detached_streams") == 0
+    await reader.aclose()
+    await asyncio.wait_for(run.ended.wait(), 5)
+    assert run.outcome == "detached"
