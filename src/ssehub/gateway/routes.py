@@ -95,12 +95,12 @@ def event_stream(body: AsyncIterator[bytes], completion_id: str, kind: Kind) -> 
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    body = b""
+    body = bytearray()
     async for piece in request.stream():
         body += piece
         if len(body) > limit:
             raise GatewayError(413, f"The request body is larger than {limit} bytes.")
-    return body
+    return bytes(body)
 
 
 async def _complete(request: Request, kind: Kind) -> Response:

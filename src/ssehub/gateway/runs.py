@@ -249,6 +249,22 @@ class Runs:
     def _grace_over(self, run: Run) -> None:
         run.grace = None
         if run.readers == 0 and run.outcome is None:
+            asyncio.get_running_loop().create_task(self._stop_unless_read_elsewhere(run))
+
+    async def _stop_unless_read_elsewhere(self, run: Run) -> None:
+        # With a shared broker (Redis) the client may have resumed on another node: the
+        # run goes on while a reader anywhere follows it, and is asked again later.
+        try:
+            elsewhere = await self._broker.tailed_elsewhere(run_stream(run.id))
+        except BrokerError:
+            elsewhere = False
+        if run.readers or run.outcome is not None or run.grace is not None:
+            return  # a reader came back here meanwhile, or the run ended
+        if elsewhere:
+            run.grace = asyncio.get_running_loop().call_later(
+                self._detach_grace, self._grace_over, run
+            )
+        else:
             self._stop(run, "detached")
 
     def _stop(self, run: Run, reason: str) -> bool:
