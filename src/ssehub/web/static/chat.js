@@ -87,8 +87,10 @@ function describe(message) {
   if (meta.usage) {
     const u = meta.usage;
     parts.push(`${u.prompt_tokens} prompt + ${u.completion_tokens} completion tokens`);
-    if (meta.durationMs > 0 && u.completion_tokens) {
-      parts.push(`${((u.completion_tokens * 1000) / meta.durationMs).toFixed(0)} tokens/s`);
+    // Tokens per second of generation: from the first token on, when that time is known.
+    const generating = (meta.durationMs || 0) - (meta.ttftMs || 0);
+    if (generating > 0 && u.completion_tokens && !meta.resumed) {
+      parts.push(`${((u.completion_tokens * 1000) / generating).toFixed(0)} tokens/s`);
     }
   }
   if (meta.durationMs != null) parts.push(`${(meta.durationMs / 1000).toFixed(1)} s`);
