@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -370,3 +371,56 @@ def test_rejects_a_malformed_url_at_once() -> None:
 def test_rejects_json_and_content_together() -> None:
     with pytest.raises(TypeError):
         connect("http://127.0.0.1:1/", json={}, content=b"{}")
+
+
+@pytest.fixture(params=["reading", "waiting"])
+def blocked_url(request: pytest.FixtureRequest, server: Server, key: str) -> str:
+    """Where a reader blocks for good: in a read of a silent stream (without an idle
+    timeout), or in the 30 s wait after failing to connect."""
+    if request.param == "reading":
+        return server("/stall", key)
+    return f"http://127.0.0.1:{free_port()}/"
+
+
+def test_close_from_another_thread_ends_the_iteration(server: Server, blocked_url: str) -> None:
+    source = connect(blocked_url, idle_timeout=None, reconnect=Reconnect(delay=30, jitter=0))
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(e.data for e in source), daemon=True)
+    reader.start()
+    if "stall" in blocked_url:
+        wait_for(lambda: seen, what="the first event")
+    else:
+        time.sleep(0.3)  # most likely into its wait; a close() before it ends it as well
+    source.close()
+    reader.join(10)
+    assert not reader.is_alive()
+    if "stall" in blocked_url:
+        key = blocked_url.split("key=")[1]
+        wait_for(lambda: key in server.seen.disconnected, what="the server to see it go")
+
+
+@pytest.mark.anyio
+async def test_aclose_from_another_task_ends_the_iteration(
+    server: Server, blocked_url: str
+) -> None:
+    source = aconnect(blocked_url, idle_timeout=None, reconnect=Reconnect(delay=30, jitter=0))
+    first = anyio.Event()
+    ended = anyio.Event()
+
+    async def read() -> None:
+        async for _ in source:
+            first.set()
+        ended.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        with anyio.fail_after(10):
+            if "stall" in blocked_url:
+                await first.wait()
+            else:
+                await anyio.sleep(0.3)
+            await source.aclose()
+            await ended.wait()
+    if "stall" in blocked_url:
+        key = blocked_url.split("key=")[1]
+        wait_for(lambda: key in server.seen.disconnected, what="the server to see it go")

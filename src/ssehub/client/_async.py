@@ -54,6 +54,8 @@ class AsyncEventSource:
         self._client = client
         self._events: AsyncGenerator[ServerSentEvent, None] | None = None
         self._wait: float | None = None
+        self._closed = False
+        self._wake: anyio.Event | None = None
         self.response: httpx.Response | None = None
         """The response being read, while connected (for its headers, say)."""
 
@@ -73,9 +75,22 @@ class AsyncEventSource:
         return self._events
 
     async def aclose(self) -> None:
-        """Close the connection (and the httpx client, unless it was passed in)."""
-        if self._events is not None:
+        """Close the connection (and the httpx client, unless it was passed in).
+
+        May be called from another task than the one iterating: that one's loop then ends.
+        """
+        self._closed = True
+        if self._events is None:
+            return
+        if not getattr(self._events, "ag_running", False):  # typeshed lacks the attribute
             await self._events.aclose()
+            return
+        # Another task is inside the generator, which cannot be closed from here: end its
+        # read (or its wait) instead, and it returns on seeing `_closed`.
+        if self._wake is not None:
+            self._wake.set()
+        if self.response is not None:
+            await self.response.aclose()
 
     async def __aenter__(self) -> AsyncEventSource:
         return self
@@ -88,10 +103,15 @@ class AsyncEventSource:
     ) -> None:
         await self.aclose()
 
+    def _closing(self) -> bool:
+        # A method, not the attribute: mypy would take `_closed` as still False after a yield.
+        return self._closed
+
     async def _run(self) -> AsyncGenerator[ServerSentEvent, None]:
         client = self._client or httpx.AsyncClient(follow_redirects=True)
+        self._wake = anyio.Event()
         try:
-            while True:
+            while not self._closed:
                 # Closed explicitly: an async generator left suspended would keep the
                 # response open until the garbage collector finalizes it.
                 async with contextlib.aclosing(self._connection(client)) as events:
@@ -99,7 +119,8 @@ class AsyncEventSource:
                         yield event
                 if self._wait is None:
                     return
-                await anyio.sleep(self._wait)
+                with anyio.move_on_after(self._wait):
+                    await self._wake.wait()
         finally:
             if client is not self._client:
                 await client.aclose()
@@ -109,13 +130,13 @@ class AsyncEventSource:
         state = self._state
         try:
             response = await client.send(state.build_request(client), stream=True)
-        except httpx.RequestError as exc:  # the connection failed or broke
-            self._wait = state.failed(state.transport_error(exc))
+        except httpx.RequestError as exc:  # the connection failed
+            self._wait = None if self._closed else state.failed(state.transport_error(exc))
             return
         self.response = response
         try:
             verdict = state.verdict(response)
-            if verdict is Verdict.STOP:
+            if verdict is Verdict.STOP or self._closed:
                 self._wait = None
                 return
             if verdict is Verdict.ERROR:
@@ -137,11 +158,19 @@ class AsyncEventSource:
                     state.received()
                     for event in state.deliver(events):
                         yield event
+                        if self._closing():  # closed from elsewhere meanwhile
+                            self._wait = None
+                            return
             finally:
                 decoder.close()
             self._wait = state.ended()
             return
-        except httpx.RequestError as exc:  # the connection failed or broke
+        except (httpx.RequestError, httpx.StreamError) as exc:  # it failed or broke
+            if self._closed:  # by `aclose()` from another task
+                self._wait = None
+                return
+            if not isinstance(exc, httpx.RequestError):
+                raise
             self._wait = state.failed(state.transport_error(exc))
             return
         finally:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import time
+import contextlib
+import socket
+import threading
 from collections.abc import Generator, Iterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -53,6 +55,9 @@ class EventSource:
         self._client = client
         self._events: Generator[ServerSentEvent, None, None] | None = None
         self._wait: float | None = None
+        self._closed = False
+        self._wake = threading.Event()
+        self._reader: int | None = None  # the iterating thread
         self.response: httpx.Response | None = None
         """The response being read, while connected (for its headers, say)."""
 
@@ -68,13 +73,27 @@ class EventSource:
 
     def __iter__(self) -> Iterator[ServerSentEvent]:
         if self._events is None:
+            self._reader = threading.get_ident()  # before `_events`: close() reads them so
             self._events = self._run()
         return self._events
 
     def close(self) -> None:
-        """Close the connection (and the httpx client, unless it was passed in)."""
-        if self._events is not None:
+        """Close the connection (and the httpx client, unless it was passed in).
+
+        May be called from another thread than the one iterating: that one's loop then ends.
+        """
+        self._closed = True
+        if self._events is None:
+            return
+        if self._reader in (None, threading.get_ident()):
             self._events.close()
+            return
+        # Another thread iterates: closing the generator under it would race with its next
+        # step. End its read (or its wait) instead; it returns on seeing `_closed`.
+        self._wake.set()
+        response = self.response
+        if response is not None:
+            _shut_down(response)
 
     def __enter__(self) -> EventSource:
         return self
@@ -87,14 +106,18 @@ class EventSource:
     ) -> None:
         self.close()
 
+    def _closing(self) -> bool:
+        # A method, not the attribute: mypy would take `_closed` as still False after a yield.
+        return self._closed
+
     def _run(self) -> Generator[ServerSentEvent, None, None]:
         client = self._client or httpx.Client(follow_redirects=True)
         try:
-            while True:
+            while not self._closed:
                 yield from self._connection(client)
                 if self._wait is None:
                     return
-                time.sleep(self._wait)
+                self._wake.wait(self._wait)
         finally:
             if client is not self._client:
                 client.close()
@@ -104,13 +127,13 @@ class EventSource:
         state = self._state
         try:
             response = client.send(state.build_request(client), stream=True)
-        except httpx.RequestError as exc:  # the connection failed or broke
-            self._wait = state.failed(state.transport_error(exc))
+        except httpx.RequestError as exc:  # the connection failed
+            self._wait = None if self._closed else state.failed(state.transport_error(exc))
             return
         self.response = response
         try:
             verdict = state.verdict(response)
-            if verdict is Verdict.STOP:
+            if verdict is Verdict.STOP or self._closed:
                 self._wait = None
                 return
             if verdict is Verdict.ERROR:
@@ -130,16 +153,37 @@ class EventSource:
                     state.received()
                     for event in state.deliver(events):
                         yield event
+                        if self._closing():  # closed from elsewhere meanwhile
+                            self._wait = None
+                            return
             finally:
                 decoder.close()
             self._wait = state.ended()
             return
-        except httpx.RequestError as exc:  # the connection failed or broke
+        except (httpx.RequestError, httpx.StreamError) as exc:  # it failed or broke
+            if self._closed:  # by `close()` from another thread
+                self._wait = None
+                return
+            if not isinstance(exc, httpx.RequestError):
+                raise
             self._wait = state.failed(state.transport_error(exc))
             return
         finally:
             self.response = None
             response.close()
+
+
+def _shut_down(response: httpx.Response) -> None:
+    """End the reads of `response`'s connection, also one blocked in another thread.
+
+    Closing a socket does not wake a thread blocked reading it; shutting it down does (the
+    read returns end of file), and that thread then closes the response itself.
+    """
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):  # already closed
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _body_start(response: httpx.Response) -> bytes:
