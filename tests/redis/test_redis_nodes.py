@@ -239,3 +239,32 @@ def test_a_node_killed_mid_completion_ends_it_with_an_error_elsewhere(
                 resumed.close()
         finally:
             origin.close()
+
+
+def test_a_completion_read_only_on_another_node_is_not_stopped_as_detached(
+    redis: RedisServer,
+) -> None:
+    with (
+        serve_in_process(*node_args(redis, "--demo-delay", "0.1", "--detach-grace", "1")) as (
+            one,
+            _,
+        ),
+        serve_in_process(*node_args(redis)) as (two, _),
+    ):
+        origin = start_completion(one)
+        try:
+            cid = completion_id(origin)
+            resumed = Listener("GET", f"{two}/v1/chat/completions/{cid}/stream")
+            try:
+                resumed.wait(2)
+                # The client moved: nobody reads on node one, but node two has a reader,
+                # so the run must go on past the detach grace.
+                origin.close()
+                resumed.wait_ended(60)
+                data = resumed.data()
+                assert data[-1] == "[DONE]"
+                assert not [d for d in data[:-1] if "error" in json.loads(d)], data[-3:]
+            finally:
+                resumed.close()
+        finally:
+            origin.close()

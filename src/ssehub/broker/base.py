@@ -182,6 +182,14 @@ class Broker(abc.ABC):
                     await self.append(stream, lost or PRODUCER_LOST)
                 await self.close(stream)
 
+    async def tailed_elsewhere(self, stream: str) -> bool:
+        """Whether a process other than this one tails `stream`, a stream with a lease.
+
+        A producer asks it before giving up on a stream nobody reads here. Always False
+        when the broker is not shared (memory): the caller sees all readers itself.
+        """
+        return False
+
     async def ping(self) -> bool:
         """Whether the backing service answers now (for /healthz); always True in memory."""
         return True

@@ -154,6 +154,33 @@ return 1
 """
 
 
+# Presence: which processes tail a leased stream, so that its producer can tell that it
+# is read elsewhere. A sorted set per stream, process id -> deadline (Redis ms).
+# KEYS: presence keys. ARGV: process id, ttl ms, then '1'/'0' per key: only if leased.
+_PRESENT = f"""
+{_NOW_MS}
+local n = 0
+for i, key in ipairs(KEYS) do
+  if ARGV[2 + i] == '0' or redis.call('EXISTS', ARGV[2 + #KEYS + i]) == 1 then
+    redis.call('ZADD', key, now + tonumber(ARGV[2]), ARGV[1])
+    redis.call('PEXPIRE', key, ARGV[2])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# KEYS: presence key. ARGV: this process's id. Returns how many other processes tail it.
+_ELSEWHERE = f"""
+{_NOW_MS}
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local n = 0
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if member ~= ARGV[1] then n = n + 1 end
+end
+return n
+"""
+
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
@@ -200,6 +227,7 @@ class _Feed:
         "epoch",
         "idle_since",
         "key",
+        "leased",
         "stream",
         "tails",
     )
@@ -208,6 +236,7 @@ class _Feed:
         self.stream = stream
         self.key = key
         self.tails = 0
+        self.leased = False
         self.cursor = cursor
         self.covered = parse_id(cursor) or (0, 0)
         self.entries: list[Entry] = []
@@ -265,6 +294,7 @@ class RedisBroker(Broker):
         self.closed_ttl = closed_ttl
         self.prefix = prefix
         self.lease_check = lease_check
+        self._presence_ms = int(lease_check * 3000)
         self._block_ms = int(block * 1000)
         # One retry covers a pooled connection that died with a Redis restart; when Redis
         # is down the connect is refused at once and the caller hears it fast.
@@ -292,7 +322,10 @@ class RedisBroker(Broker):
         self._close = self._redis.register_script(_CLOSE)
         self._renew = self._redis.register_script(_RENEW)
         self._reap = self._redis.register_script(_REAP)
-        self._wake_key = f"{prefix}w:{uuid.uuid4().hex}"
+        self._present = self._redis.register_script(_PRESENT)
+        self._elsewhere = self._redis.register_script(_ELSEWHERE)
+        self._process = uuid.uuid4().hex
+        self._wake_key = f"{prefix}w:{self._process}"
         self._feeds: dict[str, _Feed] = {}
         self._feeds_changed = asyncio.Event()
         self._available = True
@@ -308,6 +341,9 @@ class RedisBroker(Broker):
 
     def _lease_key(self, stream: str) -> str:
         return f"{self.prefix}l:{stream}"
+
+    def _presence_key(self, stream: str) -> str:
+        return f"{self.prefix}t:{stream}"
 
     @property
     def available(self) -> bool:
@@ -349,6 +385,16 @@ class RedisBroker(Broker):
         except BrokerError:
             return False
         return True
+
+    async def tailed_elsewhere(self, stream: str) -> bool:
+        """Whether a tail in another process follows `stream`, a stream with a lease.
+
+        Tails announce themselves when they start and every `lease_check` seconds after;
+        an announcement lasts three of those.
+        """
+        with self._calling():
+            others = await self._elsewhere(keys=[self._presence_key(stream)], args=[self._process])
+        return bool(others)
 
     # -- the contract -----------------------------------------------------------------
 
@@ -605,7 +651,15 @@ class RedisBroker(Broker):
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
                 pipe.expire(self._wake_key, 3600)
-                await pipe.execute()
+                # Announced at once when it has a producer, who may be deciding whether
+                # anyone still reads (see `tailed_elsewhere`).
+                await self._present(
+                    keys=[self._presence_key(stream)],
+                    args=[self._process, self._presence_ms, "1", self._lease_key(stream)],
+                    client=pipe,
+                )
+                *_, announced = await pipe.execute()
+                feed.leased = bool(announced)
         return feed
 
     async def _read_feeds(self) -> None:
@@ -700,19 +754,31 @@ class RedisBroker(Broker):
                 for f in self._feeds.values()
                 if not f.closed and now - f.idle_since >= self.lease_check and now >= f.check_at
             ]
-            if not due or not self._available:
+            present = [f for f in self._feeds.values() if f.leased and not f.closed]
+            if not (due or present) or not self._available:
                 continue
             try:
                 with self._calling():
                     async with self._redis.pipeline(transaction=False) as pipe:
+                        if present:
+                            args: list[str | int] = [self._process, self._presence_ms]
+                            args += ["0"] * len(present)
+                            await self._present(
+                                keys=[self._presence_key(f.stream) for f in present],
+                                args=args,
+                                client=pipe,
+                            )
                         for feed in due:
                             keys = [feed.key, self._lease_key(feed.stream)]
                             await self._reap(keys=keys, args=[keep, "0"], client=pipe)
                         answers = await pipe.execute()
+                        if present:
+                            answers = answers[1:]
             except BrokerError as exc:
                 log.debug("lease check failed: %s", exc)
                 continue
             for feed, answer in zip(due, answers, strict=True):
+                feed.leased = answer != -1
                 if answer == -1:
                     feed.check_every = min(
                         max(feed.check_every * 2, self.lease_check * 2), _LEASE_CHECK_MAX

@@ -95,6 +95,7 @@ class Runs:
         self._retention = retention
         self._heartbeat = heartbeat
         self._runs: dict[str, Run] = {}
+        self._checks: set[asyncio.Task[None]] = set()
         self._shutdown: tuple[asyncio.Event, asyncio.Future[Any]] | None = None
         self._endings: set[asyncio.Task[None]] = set()
 
@@ -249,7 +250,10 @@ class Runs:
     def _grace_over(self, run: Run) -> None:
         run.grace = None
         if run.readers == 0 and run.outcome is None:
-            asyncio.get_running_loop().create_task(self._stop_unless_read_elsewhere(run))
+            check = asyncio.get_running_loop().create_task(self._stop_unless_read_elsewhere(run))
+            # Held until done: the loop keeps only weak references to tasks.
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
 
     async def _stop_unless_read_elsewhere(self, run: Run) -> None:
         # With a shared broker (Redis) the client may have resumed on another node: the
