@@ -15,7 +15,7 @@ from rich.highlighter import JSONHighlighter
 from rich.text import Text
 
 from ssehub.client import EventSource, SSEError, connect
-from ssehub.protocol import EventTooLarge, ServerSentEvent
+from ssehub.protocol import ServerSentEvent
 
 # Colours by event type, so errors and the hub's control events stand out.
 _TYPE_STYLES = {
@@ -58,6 +58,7 @@ _TYPE_STYLES = {
 @click.option(
     "--idle-timeout",
     type=float,
+    metavar="SECONDS",
     default=60.0,
     show_default=True,
     help="Seconds without a byte (heartbeats count) before the connection is taken for "
@@ -76,7 +77,7 @@ def listen(
     """Print the events of the event stream at URL, reconnecting and resuming as needed.
 
     \b
-    ssehub listen http://localhost:8000/channels/news/events
+    ssehub listen http://localhost:8000/channels/news
     ssehub listen URL -X POST -H 'Authorization: Bearer KEY' -d '{"stream": true}'
     ssehub listen URL --json | jq -r .data
     """
@@ -108,9 +109,8 @@ def listen(
         # `ssehub listen URL | head -1`: the reader left. Quiet, like curl; stdout is pointed
         # at devnull so that flushing it at exit does not complain again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (SSEError, EventTooLarge, httpx.HTTPError, httpx.InvalidURL) as exc:
-        raise click.ClickException(_one_line(exc)) from None
-    except ValueError as exc:  # a last event id with a line break, say
+    # ValueError: EventTooLarge, or a last event id with a line break.
+    except (SSEError, ValueError, httpx.HTTPError, httpx.InvalidURL) as exc:
         raise click.ClickException(_one_line(exc)) from None
 
 

@@ -1,6 +1,6 @@
 """Python clients for event streams: the same API blocking (`connect`) and async (`aconnect`).
 
-    with connect("http://localhost:8000/channels/news/events") as events:
+    with connect("http://localhost:8000/channels/news") as events:
         for event in events:
             print(event.id, event.event, event.data)
 
