@@ -144,6 +144,7 @@ async def numbers(request: Request, recorder: Recorder, send: Send) -> str:
     - `gap=S` and `beat=S`: wait S seconds between events, sending a heartbeat comment
       every `beat` seconds meanwhile.
     - `location=1`: name this stream's GET URL in Content-Location.
+    - `forget=N`: once, after event N, reset the last event ID with `id` and drop.
     - Once the client has everything, answer 204 (the spec's "stop reconnecting").
     """
     q = request.query_params
@@ -186,6 +187,11 @@ async def numbers(request: Request, recorder: Recorder, send: Send) -> str:
         await _body(
             send, encode(Event(data=data, id=f"{prefix}{n}", event=q.get("type", "message")))
         )
+        if q.get("forget") == str(n) and recorder.once(key, f"forget{n}"):
+            # An empty `id` resets the last event ID (WHATWG HTML 9.2.6), then a drop: the
+            # client must reconnect without Last-Event-ID.
+            await _body(send, b"id\n\n")
+            return DROP
         if n in drops and recorder.once(key, f"drop{n}"):
             # Half an event, then the connection breaks: the client must discard it.
             await _body(send, b"data: half of the next ev")

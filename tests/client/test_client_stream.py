@@ -143,6 +143,16 @@ def test_resumes_from_a_non_ascii_id(server: Server, key: str, collect: Collect)
     assert [r.last_event_id for r in server.seen.of(key)] == [None, "é1-1", "é1-3"]
 
 
+def test_an_empty_id_means_no_last_event_id_header(
+    server: Server, key: str, collect: Collect
+) -> None:
+    run = collect(server("/numbers", key, count=3, forget=2), reconnect=FAST)
+    assert run.error is None
+    # The server reset the id, so the client could not say where it was: it starts over.
+    assert run.ids == ["1", "2", "1", "2", "3"]
+    assert [r.last_event_id for r in server.seen.of(key)] == [None, None, "3"]
+
+
 def test_honours_retry_from_the_stream(server: Server, key: str, collect: Collect) -> None:
     # The policy alone would wait 30 s: only the stream's `retry: 50` makes this quick.
     slow = Reconnect(delay=30, jitter=0.0)
