@@ -4,13 +4,14 @@ reader per process, leases of dying producers, Redis going away and coming back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -303,3 +304,28 @@ async def test_a_feed_trimmed_faster_than_it_reads_reports_the_gap(
     entries, batches = await waiting
     assert any(x.gap for x in batches)
     assert [e.data for e in entries][-4:] == ["3", "4", "5", "6"]
+
+
+async def test_a_producer_sees_tails_in_other_processes(
+    pair: tuple[RedisBroker, RedisBroker],
+) -> None:
+    producer, reader = pair
+    async with producer.lease("run:seen"):
+        await producer.append("run:seen", [("message", "a")])
+        assert not await producer.tailed_elsewhere("run:seen")
+        tail = reader.tail("run:seen", None)
+        await collect(tail, 1)
+        following = asyncio.ensure_future(collect(tail, 1))  # live now, waiting for more
+        await _until(lambda: producer.tailed_elsewhere("run:seen"), within=5)
+        assert not await reader.tailed_elsewhere("run:seen")  # its own tail does not count
+        following.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await following
+        await tail.aclose()  # type: ignore[attr-defined]
+        # Gone within three refresh periods (0.2 s each here).
+        await _until(lambda: _not(producer.tailed_elsewhere("run:seen")), within=5)
+        await producer.close("run:seen")
+
+
+async def _not(check: Awaitable[bool]) -> bool:
+    return not await check
