@@ -12,14 +12,14 @@ import json
 import logging
 import re
 import time
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ssehub.broker import Broker, Entry, Retention, StreamClosed, StreamInfo, parse_id
 from ssehub.broker.memory import MemoryBroker
 from ssehub.protocol import ServerSentEvent, encode
-from ssehub.server.fanout import HEARTBEAT, ChannelPump, Send, Subscriber
+from ssehub.server.fanout import HEARTBEAT, ChannelPump, Subscriber, as_coroutine_send
 
 logger = logging.getLogger("ssehub.server")
 
@@ -281,8 +281,17 @@ class Hub:
 
     # -- subscribers ------------------------------------------------------------------
 
-    def new_subscriber(self, channel: str, send: Send, peer: str, user_agent: str) -> Subscriber:
-        return Subscriber(self, f"c{next(self._ids)}", channel, send, peer, user_agent)
+    def new_subscriber(
+        self,
+        channel: str,
+        send: Callable[[dict[str, Any]], Awaitable[None]],
+        peer: str,
+        user_agent: str,
+    ) -> Subscriber:
+        """A subscriber writing with the ASGI `send` of a started response."""
+        return Subscriber(
+            self, f"c{next(self._ids)}", channel, as_coroutine_send(send), peer, user_agent
+        )
 
     async def attach(self, sub: Subscriber, cursor: str | None, from_oldest: bool) -> None:
         """Replay `sub`'s channel after `cursor` (or from the oldest retained entry, or
@@ -336,6 +345,7 @@ class Hub:
         """Forget a subscriber whose connection ended."""
         self._subscribers.pop(sub.id, None)
         sub.done = True
+        sub.ending = True
         if sub.drainer is not None:
             sub.drainer.cancel()
         pump = self._pumps.get(sub.channel)
