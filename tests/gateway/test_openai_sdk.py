@@ -135,3 +135,32 @@ def test_errors_before_the_stream(serve_gateway: ServeGateway) -> None:
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert "JSON" in invalid.json()["error"]["message"]
     assert no_messages.json()["error"]["param"] == "messages"
+
+
+def test_max_tokens_cuts_the_reply(serve_gateway: ServeGateway) -> None:
+    with serve_gateway() as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        chunks = list(
+            client.chat.completions.create(
+                model="ssehub-demo",
+                messages=MESSAGES,  # type: ignore[arg-type]
+                stream=True,
+                max_tokens=5,
+                stream_options={"include_usage": True},
+            )
+        )
+        whole = client.chat.completions.create(
+            model="ssehub-demo",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            max_completion_tokens=5,
+        )
+        full = client.chat.completions.create(model="ssehub-demo", messages=MESSAGES)  # type: ignore[arg-type]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 5
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.choices[0].message.content == text
+    assert full.choices[0].message.content is not None
+    assert full.choices[0].message.content.startswith(text)
+    assert len(full.choices[0].message.content) > len(text)

@@ -82,6 +82,16 @@ def reply_text(request: CompletionRequest) -> str:
     return " ".join(parts)
 
 
+def reply_tokens(request: CompletionRequest) -> tuple[list[str], str]:
+    """The reply's tokens and finish reason: cut at `max_tokens` (or
+    `max_completion_tokens`) with `length`, as a real model is."""
+    tokens = tokenize(reply_text(request))
+    limit = request.body.get("max_completion_tokens") or request.body.get("max_tokens")
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < len(tokens):
+        return tokens[:limit], "length"
+    return tokens, "stop"
+
+
 def usage_for(request: CompletionRequest, tokens: list[str]) -> Usage:
     return Usage(len(tokenize(request.prompt_text)), len(tokens))
 
@@ -94,7 +104,7 @@ async def demo_chunks(
     With no delay it yields the tokens in a few large batches, which is what a fast model
     behind a slow network looks like.
     """
-    tokens = tokenize(reply_text(request))
+    tokens, finish_reason = reply_tokens(request)
     batch: list[str] = [factory.role()] if factory.kind == "chat" else []
     tally = tally or Tally()
     for token in tokens:
@@ -108,7 +118,7 @@ async def demo_chunks(
             yield batch
             batch = []
             await asyncio.sleep(0)
-    batch.append(factory.finish("stop"))
+    batch.append(factory.finish(finish_reason))
     if factory.include_usage:
         batch.append(factory.usage(usage_for(request, tokens)))
     yield batch
@@ -116,5 +126,5 @@ async def demo_chunks(
 
 def demo_completion(request: CompletionRequest, factory: ChunkFactory) -> dict[str, object]:
     """The whole demo reply as one `chat.completion` (or `text_completion`) object."""
-    text = reply_text(request)
-    return factory.completion(text, "stop", usage_for(request, tokenize(text)))
+    tokens, finish_reason = reply_tokens(request)
+    return factory.completion("".join(tokens), finish_reason, usage_for(request, tokens))
