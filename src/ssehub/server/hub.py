@@ -359,16 +359,17 @@ class Hub:
 
     def drop(self, sub: Subscriber, reason: str) -> None:
         """Disconnect a subscriber: cleanly when its writes go through, else abort."""
-        if sub.done or sub.reason is not None:
+        if sub.done:
             return
-        sub.reason = reason
-        if reason == "slow":
-            self.slow_consumer_disconnects += 1
-            logger.info("disconnecting slow subscriber %s on %s", sub.id, sub.channel)
-        elif reason == "timeout":
-            self.send_timeouts += 1
-            logger.info("disconnecting subscriber %s on %s: send timeout", sub.id, sub.channel)
-        if sub.drainer is None and not sub.ending:
+        if sub.reason is None:
+            sub.reason = reason
+            if reason == "slow":
+                self.slow_consumer_disconnects += 1
+                logger.info("disconnecting slow subscriber %s on %s", sub.id, sub.channel)
+            elif reason == "timeout":
+                self.send_timeouts += 1
+                logger.info("disconnecting subscriber %s on %s: send timeout", sub.id, sub.channel)
+        if sub.drainer is None:
             sub.end()  # the final chunk completes the response and wakes its handler
             return
         # Writes are stuck on a client that stopped reading: abort the connection.
