@@ -198,6 +198,7 @@ def main() -> None:
         *_pin(gateway_cpus), python, *profile, "-m", "ssehub", "serve", "--port", str(gw_port),
         "--upstream", f"http://127.0.0.1:{up_port}/v1", "--log-level", "warning",
     ]  # fmt: skip
+    pinned = bool(_pin(gateway_cpus))
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, others)
     direct = f"http://127.0.0.1:{up_port}/v1/chat/completions"
@@ -241,7 +242,7 @@ def main() -> None:
     results["reference_loop_us"] = reference_loop_us()
     results["gateway_cpu_ms_per_request"] = gateway_cpu / args.requests * 1000
     results["gateway_chunks_per_cpu_second"] = max(cpu_rates)
-    results["gateway_cpus"] = sorted(gateway_cpus) if _pin(gateway_cpus) else "unpinned"
+    results["gateway_cpus"] = sorted(gateway_cpus) if pinned else "unpinned"
     print(f"{'':10} {'TTFT median':>12} {'TTFT p90':>10} {'chunks/s':>10}")
     for name in ("direct", "gateway"):
         r = results[name]
