@@ -55,8 +55,10 @@ def test_detached_run_stops_after_grace_and_closes_upstream(
         assert metric(url, "ssehub_gateway_active_streams") == 0
         assert metric(url, "ssehub_gateway_detached_streams") == 0
     # Generation went on after the client left (more chunks than it read), then stopped.
-    assert sent > 3
-    assert len(chunks(events)) >= sent - 1
+    # (The client read 3; the upstream sends one every 20 ms of the 0.3 s grace. A few
+    # may still sit unread in the socket when the request is cancelled.)
+    assert sent > 5
+    assert len(chunks(events)) - 1 > 5
     assert chunks(events)[-1]["error"]["code"] == "detached"
     assert events[-1].data == "[DONE]"
     assert seen.chunks_sent == sent  # nothing more after the disconnect
