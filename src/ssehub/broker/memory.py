@@ -173,8 +173,10 @@ class MemoryBroker(Broker):
                     return
                 gap = False
                 continue
-            if log.changed is None:
-                log.changed = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            # (A future of another loop is left from an app served before, then stopped.)
+            if log.changed is None or log.changed.get_loop() is not loop:
+                log.changed = loop.create_future()
             # Shielded: a cancelled tail must not resolve the future other tails share.
             await asyncio.shield(log.changed)
 

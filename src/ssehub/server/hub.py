@@ -152,6 +152,9 @@ class Hub:
 
     async def start(self) -> None:
         """Start the heartbeat and send-timeout ticker (idempotent)."""
+        if self.shutting_down.is_set():
+            # Served again after a shutdown (tests do that): a fresh event for this loop.
+            self.shutting_down = asyncio.Event()
         if self._ticker is None:
             self._ticker = self.spawn(self._tick())
 
