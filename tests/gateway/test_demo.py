@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -39,3 +41,45 @@ def test_content_parts_and_prompts() -> None:
     assert "from parts" in reply_text(parse_request(orjson.dumps(body), "chat"))
     text = parse_request(b'{"model": "ssehub-demo", "prompt": ["a", "b"]}', "text")
     assert text.prompt_text == "a\nb"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["role", "content", "x"]) | st.text(), children, max_size=4
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "model": json_values | st.just("ssehub-demo"),
+            "messages": json_values,
+            "prompt": json_values,
+            "stream": json_values,
+            "stream_options": json_values,
+        },
+    ),
+    st.sampled_from(["chat", "text"]),
+)
+def test_any_request_is_accepted_or_refused_with_400(body: dict[str, object], kind: str) -> None:
+    from ssehub.gateway.schema import GatewayError
+
+    refused: GatewayError | None = None
+    try:
+        request = parse_request(json.dumps(body).encode(), kind)  # type: ignore[arg-type]
+    except GatewayError as error:
+        refused = error
+    if refused is not None:
+        assert refused.status == 400
+        assert set(refused.body()["error"]) == {"message", "type", "param", "code"}
+        return
+    # Accepted: the demo can answer it.
+    assert 60 <= len(tokenize(reply_text(request))) <= 200
