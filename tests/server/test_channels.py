@@ -230,3 +230,47 @@ def test_healthz(server: Server) -> None:
     assert r.status_code == 200
     assert r.json()["status"] == "ok"
     wait_for(lambda: server.hub.stats().connections == 0)
+
+
+def test_a_client_that_leaves_is_forgotten_at_once(server: Server) -> None:
+    with Stream(server.client, "/channels/bye"):
+        server.wait_live(1)
+    # No heartbeat or event is needed to notice: the hub hears the disconnect itself.
+    wait_for(lambda: not server.hub.connections(), what="the registry to forget it")
+    assert server.hub.stats().channels == 0  # and the channel's pump stopped
+
+
+def test_many_subscribers_get_every_event_in_order() -> None:
+    """Raw sockets, so hundreds of subscribers cost the test little; a batch publisher."""
+    import socket
+
+    count, events = 300, 200
+    with running(heartbeat=0) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        socks = []
+        for _ in range(count):
+            s = socket.create_connection((host, int(port)))
+            s.sendall(f"GET /channels/many HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            socks.append(s)
+        try:
+            server.wait_live(count)
+            for i in range(0, events, 20):
+                r = server.client.post("/channels/many", json=[f"e{j}" for j in range(i, i + 20)])
+                assert r.status_code == 200
+            expected = [f"e{j}" for j in range(events)]
+            for s in socks:
+                s.settimeout(10)
+                buf = b""
+                while buf.count(b"data: ") < events:
+                    chunk = s.recv(65536)
+                    assert chunk, "connection closed early"
+                    buf += chunk
+                body = buf.split(b"\r\n\r\n", 1)[1]
+                data = [
+                    line[6:].decode() for line in body.split(b"\n") if line.startswith(b"data: ")
+                ]
+                assert data == expected
+        finally:
+            for s in socks:
+                s.close()
+        assert server.hub.stats().delivered == count * events
