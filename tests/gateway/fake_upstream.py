@@ -186,6 +186,9 @@ class FakeUpstream:
             }
             await _json(send, 429, {"error": error})
             return
+        if model == "fake-redirect":
+            await _raw(send, 301, b"text/plain", b"moved")
+            return
         if model == "fake-html-error":
             await _raw(send, 502, b"text/html", b"<html><body>Bad gateway</body></html>")
             return

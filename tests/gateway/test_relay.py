@@ -159,6 +159,12 @@ def test_upstream_http_errors(relay: str) -> None:
     assert html.status_code == 502
     assert "Bad gateway" in html.json()["error"]["message"]
     assert set(html.json()["error"]) == {"message", "type", "param", "code"}
+    redirect = httpx.post(
+        relay + "/v1/chat/completions",
+        json={"model": "fake-redirect", "messages": MESSAGES, "stream": True},
+    )
+    assert redirect.status_code == 502
+    assert "answered 301" in redirect.json()["error"]["message"]
     not_sse = httpx.post(
         relay + "/v1/chat/completions",
         json={"model": "fake-json", "messages": MESSAGES, "stream": True},

@@ -41,7 +41,18 @@ class StreamFailure(Exception):
 
 
 def _upstream_error(status: int, content: bytes, reason: str) -> GatewayError:
-    """The upstream's HTTP error as ours: its own body when it is OpenAI-shaped."""
+    """The upstream's HTTP error as ours: its status and, when it is OpenAI-shaped, its
+    body. A status that is not an error (a redirect, an unexpected 2xx) is a 502: the
+    client could do nothing with it."""
+    if status < 400:
+        snippet = content[:200].decode("utf-8", "replace").strip()
+        return GatewayError(
+            502,
+            f"the upstream answered {status} {reason}; is --upstream the API base URL "
+            f"(ending in /v1)? {snippet}".strip(),
+            type="upstream_error",
+            code=502,
+        )
     try:
         parsed = orjson.loads(content)
     except orjson.JSONDecodeError:
@@ -52,6 +63,7 @@ def _upstream_error(status: int, content: bytes, reason: str) -> GatewayError:
         # Keep every field the upstream sent; add the four OpenAI ones when missing.
         body = {"error": {"message": message, "type": None, "param": None, "code": None}}
         body["error"].update(error)
+        body["error"]["message"] = message
         return GatewayError(status, message, body=body)
     snippet = content[:500].decode("utf-8", "replace").strip()
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
@@ -260,13 +272,14 @@ class Upstream:
             async with self._client.stream(
                 "POST", url, content=orjson.dumps(body), headers=self._headers(authorization)
             ) as response:
-                content = b""
+                received = bytearray()
                 async for piece in response.aiter_bytes():
-                    content += piece
-                    if len(content) > MAX_JSON_BODY:
+                    received += piece
+                    if len(received) > MAX_JSON_BODY:
                         raise GatewayError(
                             502, "the upstream reply is too large", type="upstream_error"
                         )
+                content = bytes(received)
         except httpx.HTTPError as exc:
             raise _transport_error(exc, url) from exc
         if response.status_code != 200:
