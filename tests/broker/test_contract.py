@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -219,3 +220,17 @@ async def test_concurrent_appends_keep_order(broker: Broker) -> None:
         assert [e.data for e in batch.entries if e.data.startswith(f"{n}:")] == [
             f"{n}:{i}" for i in range(50)
         ]
+
+
+async def test_a_stream_waited_for_but_never_written_leaves_nothing(broker: Broker) -> None:
+    it = broker.tail("ghost", None)
+    waiter = asyncio.ensure_future(it.__anext__())
+    await anyio.sleep(0.05)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await it.aclose()  # type: ignore[attr-defined]
+    assert await broker.info("ghost") is None
+    # A later stream of that name works as any other.
+    await broker.append("ghost", [("message", "boo")])
+    assert [e.data for e in (await broker.read("ghost", None)).entries] == ["boo"]

@@ -33,7 +33,16 @@ def _entry_key(entry: Entry) -> tuple[int, int]:
 
 
 class _Log:
-    __slots__ = ("changed", "closed", "entries", "expiry", "head", "last_key", "trimmed_key")
+    __slots__ = (
+        "changed",
+        "closed",
+        "entries",
+        "expiry",
+        "head",
+        "last_key",
+        "tails",
+        "trimmed_key",
+    )
 
     def __init__(self) -> None:
         self.entries: list[Entry] = []
@@ -44,6 +53,12 @@ class _Log:
         self.closed = False
         self.changed: asyncio.Future[None] | None = None
         self.expiry: asyncio.TimerHandle | None = None
+        self.tails = 0  # tails following this log object
+
+    @property
+    def placeholder(self) -> bool:
+        """Made by a tail waiting for a stream that was never appended to."""
+        return self.last_key is None and not self.closed and self.trimmed_key is None
 
     def __len__(self) -> int:
         return len(self.entries) - self.head
@@ -159,26 +174,33 @@ class MemoryBroker(Broker):
             # Not there yet: follow a placeholder that the first append fills.
             log = self._logs[stream] = _Log()
         key, gap = log.resolve(after)
-        while True:
-            entries = log.after(key, len(log.entries))
-            # A reader whose cursor was trimmed away while it waited lost entries too.
-            if key is not None and log.trimmed_key is not None and key < log.trimmed_key:
-                gap = True
-            if entries or gap or log.closed:
-                if entries:
-                    key = entries[-1].key
-                # Closed also covers a deleted or expired stream: the log object is gone.
-                yield Batch(entries, gap=gap, closed=log.closed)
-                if log.closed:
-                    return
-                gap = False
-                continue
-            loop = asyncio.get_running_loop()
-            # (A future of another loop is left from an app served before, then stopped.)
-            if log.changed is None or log.changed.get_loop() is not loop:
-                log.changed = loop.create_future()
-            # Shielded: a cancelled tail must not resolve the future other tails share.
-            await asyncio.shield(log.changed)
+        log.tails += 1
+        try:
+            while True:
+                entries = log.after(key, len(log.entries))
+                # A reader whose cursor was trimmed away while it waited lost entries too.
+                if key is not None and log.trimmed_key is not None and key < log.trimmed_key:
+                    gap = True
+                if entries or gap or log.closed:
+                    if entries:
+                        key = entries[-1].key
+                    # Closed also covers a deleted or expired stream: the log object is gone.
+                    yield Batch(entries, gap=gap, closed=log.closed)
+                    if log.closed:
+                        return
+                    gap = False
+                    continue
+                loop = asyncio.get_running_loop()
+                # (A future of another loop is left from an app served before, then stopped.)
+                if log.changed is None or log.changed.get_loop() is not loop:
+                    log.changed = loop.create_future()
+                # Shielded: a cancelled tail must not resolve the future other tails share.
+                await asyncio.shield(log.changed)
+        finally:
+            log.tails -= 1
+            # Nobody waits for a stream that never came: do not keep its placeholder.
+            if not log.tails and log.placeholder and self._logs.get(stream) is log:
+                del self._logs[stream]
 
     async def close(self, stream: str, expire_after: float | None = None) -> None:
         log = self._logs.get(stream)
@@ -198,7 +220,7 @@ class MemoryBroker(Broker):
 
     async def info(self, stream: str) -> StreamInfo | None:
         log = self._trimmed(stream)
-        if log is None or (log.last_key is None and not log.closed and log.trimmed_key is None):
+        if log is None or log.placeholder:
             return None
         length = len(log)
         return StreamInfo(
