@@ -240,9 +240,10 @@ class Hub:
     # -- the registry ----------------------------------------------------------------
 
     def connections(self, channel: str | None = None) -> list[ConnectionInfo]:
+        # list() copies in one step, so reading from another thread (tests) is safe too.
         return [
             self._describe(sub)
-            for sub in self._subscribers.values()
+            for sub in list(self._subscribers.values())
             if channel is None or sub.channel == channel
         ]
 
