@@ -274,3 +274,34 @@ def test_many_subscribers_get_every_event_in_order() -> None:
             for s in socks:
                 s.close()
         assert server.hub.stats().delivered == count * events
+
+
+def test_channel_stream_response_in_an_app_route() -> None:
+    """An app's own route (here: per-user channels behind its own check) serves a channel."""
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from ssehub.server import ChannelStreamResponse, create_app
+
+    from _support import serve_in_thread
+
+    app = create_app()
+
+    async def my_events(request: Request) -> Response:
+        if request.headers.get("x-user") != request.path_params["user"]:
+            return JSONResponse({"error": "not you"}, status_code=403)
+        return ChannelStreamResponse(request.app.state.hub, f"user@{request.path_params['user']}")
+
+    app.router.routes.append(Route("/me/{user}/events", my_events))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        assert client.get("/me/ann/events", headers={"x-user": "bob"}).status_code == 403
+        first = client.post("/channels/user@ann", content="one").json()["ids"][0]
+        client.post("/channels/user@ann", content="two")
+        with Stream(
+            client, "/me/ann/events", headers={"x-user": "ann", "Last-Event-ID": first}
+        ) as stream:
+            assert [e.data for e in stream.events_n(1)] == ["two"]
+            assert [c.channel for c in app.state.hub.connections()] == ["user@ann"]
+        client.delete("/channels/user@ann")
+        assert client.get("/me/ann/events", headers={"x-user": "ann"}).status_code == 204

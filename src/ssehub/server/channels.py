@@ -198,3 +198,28 @@ class ChannelEndpoint:
             if (cursor is None and not from_oldest) or (key and last and key >= last):
                 return None
         return cursor, from_oldest, headers.get("user-agent", "")
+
+
+class ChannelStreamResponse(Response):
+    """A subscription to `channel` answered from your own route (your auth, your URL).
+
+    Behaves exactly as `GET /channels/{channel}`: replay by `Last-Event-ID` or
+    `?last_event_id=`, `?from=oldest`, `ssehub.gap`, heartbeats, `close`, 204 once closed,
+    and the connection is in the Hub's registry.
+    """
+
+    def __init__(self, hub: Hub, channel: str) -> None:
+        self.hub = hub
+        self.channel = channel
+        self.status_code = 200
+        self.background = None
+        self.init_headers(None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = ChannelEndpoint(self.hub)
+        try:
+            if not CHANNEL_NAME.match(self.channel):
+                raise RequestError(400, f"bad channel name {self.channel!r}")
+            await endpoint.subscribe(self.channel, scope, receive, send)
+        except RequestError as exc:
+            await exc.response()(scope, receive, send)
