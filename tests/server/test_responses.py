@@ -222,3 +222,20 @@ def test_encode_item(item: Any, wire: bytes) -> None:
 def test_encode_item_rejects_other_things() -> None:
     with pytest.raises(TypeError):
         encode_item(5)  # type: ignore[arg-type]
+
+
+def test_cancelled_by_the_servers_shutdown_timeout_still_completes() -> None:
+    """An app with no shutdown event of its own: uvicorn cancels the stream after its
+    graceful-shutdown timeout, and on_complete still runs."""
+    record = Record()
+    client = httpx.Client(timeout=10)
+    try:
+        with serve_in_thread(make_app(record), timeout_graceful_shutdown=0.2) as url:
+            stream = Stream(client, f"{url}/idle?heartbeat=0")
+            stream.events_n(1)
+        # The server has stopped: the stream was cut and the callback ran.
+        assert record.producer_closed.wait(10)
+        wait_for(lambda: record.calls == [("complete",)])
+        stream.close()
+    finally:
+        client.close()

@@ -57,7 +57,7 @@ class EventStreamResponse(Response):
     - `shutdown`: an event that ends the stream when set; by default the `Hub`'s
       `shutting_down` when the app has one in `app.state.hub` (set by `create_app`).
     - `on_complete()` runs whenever the stream ends (finished, client left, timeout,
-      error, shutdown); `on_timeout()` after a send timeout; `on_error(exc)` when the
+      error, shutdown, cancellation); `on_timeout()` after a send timeout; `on_error(exc)` when the
       source raised. Each may be sync or async.
 
     The producer stops (its iterator is closed) as soon as the client disconnects.
@@ -172,12 +172,19 @@ class EventStreamResponse(Response):
                 if self.heartbeat:
                     tg.start_soon(guarded, lambda: beat(self.heartbeat or 0))
                 tg.start_soon(guarded, produce)
+        except BaseException:
+            # Cancelled from outside (the server's shutdown timeout, a cancelled task).
+            if self.outcome == "pending":
+                self.outcome = "cancelled"
+            raise
         finally:
             # Stop the producer: run its `finally` blocks and release what it holds.
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(iterator, "aclose", None)
+                if aclose is not None:
                     await aclose()
+                if self.outcome == "cancelled":
+                    await call_hook(self.on_complete)
         if self.outcome == "timeout":
             await call_hook(self.on_timeout)
         elif self.outcome != "disconnect":
