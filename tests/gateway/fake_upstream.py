@@ -167,6 +167,17 @@ class FakeUpstream:
         seen = Seen(path, headers, parsed, client=tuple(scope["client"]))
         self.seen.append(seen)
         model = parsed.get("model", "")
+        if model.startswith("fake-late-"):
+            # No response head until released: an upstream slow to answer at all.
+            model = model.removeprefix("fake-late-")
+            gone = asyncio.ensure_future(_wait_disconnect(receive))
+            # `release` is set from the test's thread: polled, not awaited.
+            while not self.release.is_set() and not gone.done():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            if gone.done():
+                seen.disconnected.set()
+                return
+            gone.cancel()
         include_usage = bool((parsed.get("stream_options") or {}).get("include_usage"))
         if model == "fake-missing":
             error = {

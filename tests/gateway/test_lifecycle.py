@@ -7,11 +7,12 @@ import json
 import re
 
 import httpx
-from fake_upstream import FakeUpstream
-from sse import chunks, iter_events
+import pytest
+from fake_upstream import TEXT_PIECES, FakeUpstream
+from sse import chunks, iter_events, text_of
 
 from conftest import ServeGateway
-from ssehub.protocol import ServerSentEvent
+from ssehub.protocol import Decoder, ServerSentEvent
 
 from _support import wait_for
 
@@ -188,3 +189,50 @@ def test_shutdown_ends_streams_and_runs() -> None:
         # uvicorn re-raises the signal once it has shut down cleanly.
         assert proc.wait(timeout=10) in (0, -signal.SIGTERM)
     assert all(e.data != "[DONE]" for e in rest)
+
+
+@pytest.mark.parametrize("model", ["fake-late-fake-text", "fake-late-fake-ratelimit"])
+def test_upstream_slow_to_answer_at_all(
+    serve_gateway: ServeGateway, fake_upstream: Upstream, model: str
+) -> None:
+    upstream_url, fake = fake_upstream
+    body = {**SLOW, "model": model}
+    with (
+        serve_gateway(upstream=upstream_url, first_token_heartbeat=0.05) as url,
+        httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as response,
+    ):
+        # The stream starts (and stays alive) before the upstream has said anything.
+        assert response.status_code == 200
+        raw = response.iter_raw()
+        assert next(raw).startswith(b":")
+        fake.release.set()
+        decoder = Decoder()
+        events = [e for piece in raw for e in decoder.feed(piece)]
+    objects = chunks(events)
+    assert events[-1].data == "[DONE]"
+    if model.endswith("ratelimit"):
+        # The upstream's HTTP error, told in-band: its own error object.
+        assert objects == [
+            {
+                "error": {
+                    "message": "Rate limit reached",
+                    "type": "requests",
+                    "param": None,
+                    "code": "rate_limit_exceeded",
+                }
+            }
+        ]
+    else:
+        assert text_of(objects) == "".join(TEXT_PIECES)
+
+
+def test_client_gone_before_the_upstream_answered(
+    serve_gateway: ServeGateway, fake_upstream: Upstream
+) -> None:
+    upstream_url, fake = fake_upstream
+    body = {**SLOW, "model": "fake-late-fake-text"}
+    with serve_gateway(upstream=upstream_url, first_token_heartbeat=0.05, detach_grace=0.2) as url:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as response:
+            next(response.iter_raw())
+        (seen,) = fake.requests_for("fake-late-fake-text")
+        assert seen.disconnected.wait(10), "the upstream request outlived its client"

@@ -19,8 +19,8 @@ from ssehub.gateway.chunks import ChunkFactory, Tally, model_object, new_complet
 from ssehub.gateway.demo import DEMO_MODEL, demo_chunks, demo_completion
 from ssehub.gateway.metrics import GatewayMetrics
 from ssehub.gateway.runs import Runs, run_stream
-from ssehub.gateway.schema import GatewayError, Kind, parse_request
-from ssehub.gateway.upstream import Upstream, relay_chunks
+from ssehub.gateway.schema import CompletionRequest, GatewayError, Kind, parse_request
+from ssehub.gateway.upstream import LateRelay, Upstream, relay_chunks
 from ssehub.settings import Settings
 
 log = logging.getLogger("ssehub.gateway")
@@ -130,16 +130,47 @@ async def _complete(request: Request, kind: Kind) -> Response:
             if not completion.stream:
                 status, content = await gateway.upstream.post(path, completion.body, authorization)
                 return Response(content, status, media_type="application/json")
-            upstream = await gateway.upstream.open_stream(path, completion.body, authorization)
             completion_id = new_completion_id(kind)
             backend = "upstream"
-            source = relay_chunks(upstream, completion_id, tally)
+            source = await _open_relay(
+                gateway, path, completion, authorization, completion_id, tally
+            )
     except GatewayError as error:
         return error_response(error)
     gateway.runs.start(completion_id, backend, source, tally)
     return event_stream(
         gateway.runs.read(completion_id, None, _shutdown(request)), completion_id, kind
     )
+
+
+async def _open_relay(
+    gateway: Gateway,
+    path: str,
+    completion: CompletionRequest,
+    authorization: str | None,
+    completion_id: str,
+    tally: Tally,
+) -> AsyncIterator[list[str]]:
+    """Send the request upstream; the relay of its stream once the upstream answers.
+
+    An upstream error that comes within `first_token_heartbeat` seconds is raised as a
+    `GatewayError` (the client gets its status). An upstream slower than that to answer
+    at all does not keep the client without a byte: its stream starts, with heartbeats,
+    and a late error becomes an error event.
+    """
+    assert gateway.upstream is not None
+    opening = asyncio.ensure_future(
+        gateway.upstream.open_stream(path, completion.body, authorization)
+    )
+    wait = gateway.settings.first_token_heartbeat
+    try:
+        await asyncio.wait({opening}, timeout=wait if wait > 0 else None)
+    except asyncio.CancelledError:
+        opening.cancel()
+        raise
+    if opening.done():
+        return relay_chunks(opening.result(), completion_id, tally)
+    return LateRelay(opening, completion_id, tally)
 
 
 async def chat_completions(request: Request) -> Response:

@@ -206,6 +206,42 @@ async def _drain(data: AsyncIterator[list[str]]) -> None:
         pass
 
 
+class LateRelay:
+    """`relay_chunks` of a request whose response head has not come yet.
+
+    Used when the upstream is slow to answer at all: the client's stream has started
+    (and gets heartbeats) meanwhile, so an HTTP error of the upstream becomes an error
+    event. `aclose()` cancels the request, even before the first batch was asked for.
+    """
+
+    def __init__(
+        self, opening: asyncio.Future[UpstreamStream], completion_id: str, tally: Tally
+    ) -> None:
+        self._opening = opening
+        self._batches = self._relay(completion_id, tally)
+
+    async def _relay(self, completion_id: str, tally: Tally) -> AsyncGenerator[list[str], None]:
+        try:
+            stream = await self._opening
+        except GatewayError as error:
+            raise StreamFailure(error.body()) from error
+        async for batch in relay_chunks(stream, completion_id, tally):
+            yield batch
+
+    def __aiter__(self) -> LateRelay:
+        return self
+
+    async def __anext__(self) -> list[str]:
+        return await anext(self._batches)
+
+    async def aclose(self) -> None:
+        await self._batches.aclose()
+        if not self._opening.done():
+            self._opening.cancel()
+        elif not self._opening.cancelled() and self._opening.exception() is None:
+            await self._opening.result().aclose()
+
+
 class Upstream:
     """An OpenAI-compatible API at `base_url` (the part before `/chat/completions`)."""
 
