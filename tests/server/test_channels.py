@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Any
 
 import httpx
 import pytest
@@ -305,3 +306,39 @@ def test_channel_stream_response_in_an_app_route() -> None:
             assert [c.channel for c in app.state.hub.connections()] == ["user@ann"]
         client.delete("/channels/user@ann")
         assert client.get("/me/ann/events", headers={"x-user": "ann"}).status_code == 204
+
+
+def test_broker_unavailable_is_503_or_a_clean_end() -> None:
+    from ssehub.broker import BrokerUnavailable
+    from ssehub.broker.memory import MemoryBroker
+    from ssehub.server import create_app
+
+    from _support import serve_in_thread
+
+    class Flaky(MemoryBroker):
+        down = False
+
+        async def read(self, stream: str, after: str | None, limit: int = 1000) -> Any:
+            if self.down:
+                raise BrokerUnavailable("redis is away")
+            return await super().read(stream, after, limit)
+
+        async def append(self, stream: str, events: Any, retention: Any = None) -> Any:
+            if self.down:
+                raise BrokerUnavailable("redis is away")
+            return await super().append(stream, events, retention)
+
+    broker = Flaky()
+    app = create_app(broker=broker)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        first = client.post("/channels/f", content="x").json()["ids"][0]
+        broker.down = True
+        r = client.post("/channels/f", content="y")
+        assert r.status_code == 503
+        assert "unavailable" in r.json()["error"]
+        # Joining needs a read: the stream starts, then ends cleanly for a retry.
+        with Stream(client, "/channels/f", headers={"Last-Event-ID": first}) as stream:
+            stream.until_end()
+        assert stream.events == []
+        broker.down = False
+        assert client.get("/healthz").status_code == 200

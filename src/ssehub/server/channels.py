@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 from typing import Any
 
 from starlette.datastructures import Headers, QueryParams
@@ -18,6 +19,8 @@ from starlette.types import Receive, Scope, Send
 
 from ssehub.broker import BrokerUnavailable, StreamClosed, parse_id
 from ssehub.server.hub import CHANNEL_NAME, Hub, InvalidEvent
+
+logger = logging.getLogger("ssehub.server")
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -162,7 +165,12 @@ class ChannelEndpoint:
         # This frame lives as long as the connection: keep its locals few.
         del start, client, peer, user_agent, scope
         try:
-            await hub.attach(sub, cursor, from_oldest)
+            try:
+                await hub.attach(sub, cursor, from_oldest)
+            except BrokerUnavailable:
+                # Headers are out: end the stream; the client reconnects and resumes.
+                logger.warning("broker unavailable while subscriber %s joined", sub.id)
+                hub.drop(sub, "broker unavailable")
             del cursor
             # The pump writes; this task only learns when the client leaves or the
             # response was completed (uvicorn then answers `http.disconnect`).

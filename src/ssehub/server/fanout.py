@@ -272,6 +272,7 @@ class ChannelPump:
             after = info.last_id if info is not None else None
         except Exception as exc:
             self.ready.set_exception(exc)
+            self.ready.exception()  # retrieved: the joiners waiting on it get it raised
             self.hub.pump_ended(self)
             raise
         self.ready.set_result(None)
