@@ -1030,6 +1030,11 @@ def bench_server(cls: type[ServerUnderTest], args: argparse.Namespace, workdir: 
             modes.append((1, args.publishers))
         if server.batches and args.batch > 1:
             modes.append((args.batch, 1))
+        if not (args.subscribers and args.events):
+            modes = []
+            row = Row(server.name, "idle only", args.idle, 0, detail=dict(idle))
+            row.idle_kb_per_conn = idle.get("kb_per_idle_connection")
+            rows.append(row)
         for batch, publishers in modes:
             row = run_fanout(server, args.subscribers, args.events, args, batch, publishers)
             row.idle_kb_per_conn = idle.get("kb_per_idle_connection")
