@@ -208,3 +208,30 @@ def test_upstream_connection_is_reused(relay: str, fake_upstream: Upstream) -> N
         assert events[-1].data == "[DONE]"
     clients = {seen.client for seen in fake_upstream[1].requests_for("fake-tools")}
     assert len(clients) == 1, "each completion opened a new upstream connection"
+
+
+@pytest.mark.anyio
+async def test_async_sdk_through_ssehub_serve(fake_upstream: Upstream) -> None:
+    """`ssehub serve --upstream ... --upstream-api-key ...` as a user starts it."""
+    from _support import serve_in_process
+
+    upstream_url, fake = fake_upstream
+    with serve_in_process(
+        "--upstream", upstream_url, "--upstream-api-key", "from-cli", "--log-level", "warning"
+    ) as (url, _):
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        stream = await client.chat.completions.create(
+            model="fake-tools",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+        )
+        arguments = ""
+        async for chunk in stream:
+            for call in chunk.choices[0].delta.tool_calls or []:
+                arguments += (call.function.arguments if call.function else None) or ""
+        models = [m.id async for m in client.models.list()]
+        await client.close()
+    assert json.loads(arguments) == {"city": "Paris", "unit": "°C"}
+    assert models[0] == "ssehub-demo"
+    assert "fake-tools" in models
+    assert fake.requests_for("fake-tools")[0].headers["authorization"] == "Bearer from-cli"
