@@ -586,6 +586,10 @@ class ServerUnderTest:
     def batch_body(self, datas: Sequence[str]) -> bytes:
         raise NotImplementedError
 
+    def stats(self) -> dict[str, Any]:
+        """The server's own counters, kept in the JSON next to the harness's figures."""
+        return {}
+
     @property
     def pid(self) -> int:
         assert self.proc is not None
@@ -666,6 +670,11 @@ class Ssehub(ServerUnderTest):
 
     def batch_body(self, datas: Sequence[str]) -> bytes:
         return json.dumps([{"data": d} for d in datas]).encode()
+
+    def stats(self) -> dict[str, Any]:
+        status, body = http_get(self.port, "/admin/stats")
+        value = json.loads(body) if status == 200 else {}
+        return value if isinstance(value, dict) else {}
 
 
 # `python -m cProfile` writes nothing here: uvicorn re-raises SIGTERM after its shutdown,
@@ -935,6 +944,7 @@ def run_fanout(
     finally:
         pool.close()
     wait_drained(server, channel)
+    row.detail["server_stats"] = server.stats()
     expected = n * events
     delivered = result["delivered"]
     complete = result["complete"] >= n and delivered >= expected
@@ -953,6 +963,7 @@ def run_fanout(
         + pub_failures
     )
     row.detail = {
+        **row.detail,
         "channel": channel,
         "subscribers_connected": ready["ok"],
         "server_confirmed_subscribers": confirmed,
