@@ -234,3 +234,24 @@ async def test_a_stream_waited_for_but_never_written_leaves_nothing(broker: Brok
     # A later stream of that name works as any other.
     await broker.append("ghost", [("message", "boo")])
     assert [e.data for e in (await broker.read("ghost", None)).entries] == ["boo"]
+
+
+async def test_tail_busy_reader_still_gets_the_end_of_a_closed_stream(broker: Broker) -> None:
+    """Entries and the close that land while the reader handles a batch are not lost."""
+    tail = broker.tail("busy", None)
+    await broker.append("busy", [("message", "a")])
+    first = await anext(tail)
+    assert [e.data for e in first.entries] == ["a"]
+    assert not first.closed
+    # The reader is "busy" with `first`: the stream gets its last entry and is closed.
+    await broker.append("busy", [("message", "b")])
+    await broker.close("busy")
+    rest: list[str] = []
+    with anyio.fail_after(5):
+        async for batch in tail:
+            rest.extend(e.data for e in batch.entries)
+            if batch.closed:
+                break
+        else:
+            pytest.fail("the tail ended without a closed batch")
+    assert rest == ["b"]
