@@ -24,8 +24,6 @@ from ssehub.broker.base import (
     parse_id,
 )
 
-# Loop turns a woken tail lets pass before it takes its batch (see `tail`).
-_COALESCE_TURNS = int(__import__("os").environ.get("SSEHUB_COALESCE", "2"))
 # Compact the entry list once this many trimmed slots sit at its head.
 _COMPACT_AT = 1024
 
@@ -201,10 +199,6 @@ class MemoryBroker(Broker):
                     log.changed = loop.create_future()
                 # Shielded: a cancelled tail must not resolve the future other tails share.
                 await asyncio.shield(log.changed)
-                # Let the loop run the publishers already in flight before collecting:
-                # their appends join this batch instead of making the next one.
-                for _ in range(_COALESCE_TURNS):
-                    await asyncio.sleep(0)
         finally:
             log.tails -= 1
             # Nobody waits for a stream that never came: do not keep its placeholder.
