@@ -205,6 +205,14 @@ class ChannelEndpoint:
             last = parse_id(info.last_id) if info.last_id else None
             if (cursor is None and not from_oldest) or (key and last and key >= last):
                 return None
+        if cursor is None and not from_oldest:
+            # "From now" is fixed here, before the headers go out: a client that publishes
+            # once it sees them must get that event, however long joining takes (with
+            # Redis, the join's own reads are network round trips).
+            if info is None or info.last_id is None:
+                from_oldest = True
+            else:
+                cursor = info.last_id
         return cursor, from_oldest, headers.get("user-agent", "")
 
 
