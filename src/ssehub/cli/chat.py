@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import click
+import httpx
 import orjson
 
 from ssehub.client import (
@@ -24,6 +25,7 @@ from ssehub.client import (
     connect,
     openai_chunk,
 )
+from ssehub.client._tls import tls_context
 
 # Attempts to resume a dropped reply before giving up.
 RESUME_ATTEMPTS = 5
@@ -166,6 +168,9 @@ def chat(
         "stream_options": {"include_usage": True},
     }
     headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+    # Made before the clock starts: the time to first token is the server's, not the
+    # time this process takes to set up a client.
+    client = httpx.Client(follow_redirects=True, verify=tls_context())
     reply = _Reply(sys.stdout, color=sys.stdout.isatty())
     # A POST is never sent twice (that would start a second completion): a dropped reply
     # is resumed by its id instead.
@@ -176,6 +181,7 @@ def chat(
         headers=headers,
         reconnect=False,
         idle_timeout=timeout,
+        client=client,
     )
     attempts = 0
     try:
@@ -198,6 +204,7 @@ def chat(
                 last_event_id=source.last_event_id or None,
                 reconnect=Reconnect(max_attempts=RESUME_ATTEMPTS),
                 idle_timeout=timeout,
+                client=client,
             )
     except HTTPStatusError as error:
         raise click.ClickException(_error_message(error)) from None
@@ -206,5 +213,7 @@ def chat(
         raise click.ClickException(str(error)) from None
     except SSEError as error:
         raise click.ClickException(f"{base}: {error}") from None
+    finally:
+        client.close()
     reply.write("\n")
     click.echo(click.style(reply.summary(), dim=True), err=True)

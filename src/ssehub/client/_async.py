@@ -12,6 +12,7 @@ import httpx
 
 from ssehub.client._reconnect import Reconnect
 from ssehub.client._state import BODY_SNIPPET_BYTES, HeaderTypes, SourceState, Verdict
+from ssehub.client._tls import tls_context
 from ssehub.protocol import EventTooLarge, ServerSentEvent
 
 
@@ -108,7 +109,7 @@ class AsyncEventSource:
         return self._closed
 
     async def _run(self) -> AsyncGenerator[ServerSentEvent, None]:
-        client = self._client or httpx.AsyncClient(follow_redirects=True)
+        client = self._client or httpx.AsyncClient(follow_redirects=True, verify=tls_context())
         self._wake = anyio.Event()
         try:
             while not self._closed:

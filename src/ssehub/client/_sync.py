@@ -13,6 +13,7 @@ import httpx
 
 from ssehub.client._reconnect import Reconnect
 from ssehub.client._state import BODY_SNIPPET_BYTES, HeaderTypes, SourceState, Verdict
+from ssehub.client._tls import tls_context
 from ssehub.protocol import EventTooLarge, ServerSentEvent
 
 
@@ -111,7 +112,7 @@ class EventSource:
         return self._closed
 
     def _run(self) -> Generator[ServerSentEvent, None, None]:
-        client = self._client or httpx.Client(follow_redirects=True)
+        client = self._client or httpx.Client(follow_redirects=True, verify=tls_context())
         try:
             while not self._closed:
                 yield from self._connection(client)
