@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -100,13 +101,13 @@ def fanout(
         ready = [pool.ready(120 + n / 50) for pool in pools]
         for node, answer in zip(nodes, ready, strict=True):
             base.wait_subscribed(node, channel, answer["ok"], 60)
-        cpu_before = sum(base.cpu_seconds(node.pid) for node in nodes)
+        cpu_before = sum(sum(base.cpu_times(node.pid)) for node in nodes)
         for pool in pools:
             pool.go(args.timeout)
         start = time.monotonic_ns()
-        _, failures = base.publish_all(publisher, channel, events, args.size, batch)
+        _, failures = base.publish_all(publisher, channel, events, args.size, batch, 1)
         results = [pool.results(args.timeout + 60) for pool in pools]
-        cpu = sum(base.cpu_seconds(node.pid) for node in nodes) - cpu_before
+        cpu = sum(sum(base.cpu_times(node.pid)) for node in nodes) - cpu_before
     finally:
         for pool in pools:
             pool.close()
@@ -186,6 +187,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # Servers run in sessions of their own: on SIGTERM, unwind so that `finally` stops them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     base.raise_fd_limit()
     if base.pinning_available() and not args.no_pin:
         import os
