@@ -24,6 +24,7 @@ class Server:
     url: str
     app: Starlette
     client: httpx.Client
+    http: str = "auto"
 
     @property
     def hub(self) -> Hub:
@@ -47,14 +48,18 @@ class Server:
 
 
 @contextlib.contextmanager
-def running(settings: Settings | None = None, **changes: Any) -> Iterator[Server]:
+def running(
+    settings: Settings | None = None, *, http: str = "auto", **changes: Any
+) -> Iterator[Server]:
+    """`create_app` served by uvicorn; `http="h11"` for the plain ASGI write path (the
+    default, httptools, lets the pump write to the transport itself)."""
     settings = (settings or Settings()).replace(**changes)
     app = create_app(settings)
     with (
-        serve_in_thread(app, timeout_graceful_shutdown=2) as url,
+        serve_in_thread(app, timeout_graceful_shutdown=2, http=http) as url,
         httpx.Client(base_url=url, timeout=10) as client,
     ):
-        yield Server(url, app, client)
+        yield Server(url, app, client, http)
 
 
 class Stream:

@@ -15,10 +15,20 @@ from ssehub.broker import parse_id
 from _support import wait_for
 
 
-@pytest.fixture
-def server() -> Server:  # type: ignore[misc]
-    with running() as s:
+@pytest.fixture(params=["httptools", "h11"])
+def server(request: pytest.FixtureRequest) -> Server:  # type: ignore[misc]
+    """Both write paths: straight to uvicorn's transport (httptools), ASGI `send` (h11)."""
+    with running(http=request.param) as s:
         yield s
+
+
+def test_the_write_path_in_use(server: Server) -> None:
+    with Stream(server.client, "/channels/wp") as stream:
+        server.wait_live(1)
+        (sub,) = server.hub._subscribers.values()
+        assert (sub.cycle is not None) == (server.http == "httptools")
+        server.publish("wp", "x")
+        assert stream.events_n(1)[0].data == "x"
 
 
 def test_headers_of_a_subscription(server: Server) -> None:

@@ -8,6 +8,7 @@ import socket
 import time
 
 import httpx
+import pytest
 
 from server._sse import Stream, running, stalled_subscriber
 
@@ -26,8 +27,9 @@ def drain_until_closed(sock: socket.socket, limit: float = 15.0) -> int:
     return total
 
 
-def test_a_stalled_client_is_dropped_and_blocks_nobody() -> None:
-    with running(max_pending=64 * 1024, send_timeout=60) as server:
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_a_stalled_client_is_dropped_and_blocks_nobody(http: str) -> None:
+    with running(max_pending=64 * 1024, send_timeout=60, http=http) as server:
         sock = stalled_subscriber(server.url, "/channels/s")
         try:
             with Stream(server.client, "/channels/s") as good:
@@ -55,8 +57,9 @@ def test_a_stalled_client_is_dropped_and_blocks_nobody() -> None:
         assert stats["slow_consumer_disconnects"] == 1
 
 
-def test_a_write_waiting_too_long_times_out() -> None:
-    with running(max_pending=1 << 30, send_timeout=0.5) as server:
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_a_write_waiting_too_long_times_out(http: str) -> None:
+    with running(max_pending=1 << 30, send_timeout=0.5, http=http) as server:
         sock = stalled_subscriber(server.url, "/channels/t")
         try:
             server.wait_live(1)

@@ -19,7 +19,13 @@ from typing import Any
 from ssehub.broker import Broker, Entry, Retention, StreamClosed, StreamInfo, parse_id
 from ssehub.broker.memory import MemoryBroker
 from ssehub.protocol import ServerSentEvent, encode
-from ssehub.server.fanout import HEARTBEAT, ChannelPump, Subscriber, as_coroutine_send
+from ssehub.server.fanout import (
+    HEARTBEAT,
+    ChannelPump,
+    Subscriber,
+    as_coroutine_send,
+    uvicorn_cycle,
+)
 
 logger = logging.getLogger("ssehub.server")
 
@@ -294,7 +300,13 @@ class Hub:
     ) -> Subscriber:
         """A subscriber writing with the ASGI `send` of a started response."""
         return Subscriber(
-            self, f"c{next(self._ids)}", channel, as_coroutine_send(send), peer, user_agent
+            self,
+            f"c{next(self._ids)}",
+            channel,
+            as_coroutine_send(send),
+            peer,
+            user_agent,
+            uvicorn_cycle(send),
         )
 
     async def attach(self, sub: Subscriber, cursor: str | None, from_oldest: bool) -> None:
@@ -382,7 +394,13 @@ class Hub:
         sub.done = True
         if sub.drainer is not None:
             sub.drainer.cancel()
-        if sub.task is not None and sub.task is not asyncio.current_task():
+        if sub.cycle is not None:
+            # Drop the connection and what its buffers hold; uvicorn sees a disconnect
+            # and the handler returns as for any client that left.
+            sub.cycle.transport.abort()
+        elif sub.task is not None and sub.task is not asyncio.current_task():
+            # Any other server: end the handler; the server closes the connection (and
+            # logs that the response was not completed).
             sub.task.cancel()
 
     def pump_ended(self, pump: ChannelPump) -> None:
