@@ -148,6 +148,13 @@ class Decoder:
             if text[-1] == "\r":
                 self._skip_lf = True
             text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if "\n" not in text:
+            # No line ends: more of the unterminated line (the path of small chunks).
+            self._partial.append(text)
+            self._partial_size += len(text)
+            if self._data_size + self._partial_size > self.max_event_size:
+                self._overflow(self._data_size + self._partial_size, [])
+            return []
         events: list[ServerSentEvent] = []
         # The text between the first and the last blank line holds whole blocks that start
         # with empty buffers: they are parsed block by block, the rest line by line.
@@ -295,8 +302,15 @@ class Decoder:
         limit = self.max_event_size
         match = _COMMON_BLOCK.fullmatch
         for block in text.split("\n\n"):
+            if not block:
+                # A blank line right after a blank line (some servers send bare line ends
+                # as heartbeats): its dispatch finds the buffers empty, changes nothing.
+                continue
             m = match(block)
             if m is None or len(block) > limit:
+                if block[0] == ":" and "\n" not in block:
+                    # A lone comment (a heartbeat): its block dispatches nothing, likewise.
+                    continue
                 self._id_buffer = id_buffer
                 self._parse_lines([*block.split("\n"), ""], events)
                 id_buffer = self._id_buffer
