@@ -267,6 +267,11 @@ class _Tally:
         self.latencies: list[int] = []
         self.all_done: asyncio.Future[None] | None = None
 
+    def settle(self) -> None:
+        """Wake the session once every connected subscriber got all events or left."""
+        if self.done + self.dropped >= self.ok and self.all_done and not self.all_done.done():
+            self.all_done.set_result(None)
+
 
 class _Subscriber(asyncio.Protocol):
     """Counts events by their marker; a sampled one also parses seq and timestamp."""
@@ -322,13 +327,20 @@ class _Subscriber(asyncio.Protocol):
                 n += (self.tail + data[:2]).count(MARK)
             self.tail = data[-2:] if len(data) >= 2 else (self.tail + data)[-2:]
             self.count += n
+        if (
+            data.endswith(b"0\r\n\r\n")
+            and self.transport is not None
+            and (len(data) == 5 or data.endswith(b"\n0\r\n\r\n"))
+        ):
+            # The last chunk: the server ended the stream. Do not wait for it to close the
+            # kept-alive connection.
+            self.transport.close()
         tally = self.tally
         if self.count >= tally.expected and not self.done_ns:
             self.done_ns = time.monotonic_ns()
             tally.last_done_ns = max(tally.last_done_ns, self.done_ns)
             tally.done += 1
-            if tally.done >= tally.ok and tally.all_done and not tally.all_done.done():
-                tally.all_done.set_result(None)
+            tally.settle()
 
     def _parse(self, data: bytes) -> None:
         now = time.monotonic_ns()
@@ -350,8 +362,9 @@ class _Subscriber(asyncio.Protocol):
         if not self.headers.done():
             self.tally.connect_failed += 1
             self.headers.set_result(False)
-        elif self.head is None and self.count < self.tally.expected:
+        elif self.headers.result() and self.count < self.tally.expected:
             self.tally.dropped += 1
+            self.tally.settle()
 
 
 def _subscriber_process(
@@ -413,18 +426,18 @@ async def _subscriber_session(
             try:
                 await loop.sock_connect(sock, (HOST, port))
                 await loop.create_connection(lambda: protocol, sock=sock)
-                await asyncio.wait_for(headers, 30)
+                ok = await asyncio.wait_for(headers, 30)
             except (OSError, TimeoutError):
                 if not headers.done():
                     tally.connect_failed += 1
                     headers.set_result(False)
                 sock.close()
                 return
-            subscribers.append(protocol)
+            if ok:
+                subscribers.append(protocol)
 
     await asyncio.gather(*(open_one(first_index + i) for i in range(n)))
-    if (tally.ok == 0 or tally.done >= tally.ok) and not tally.all_done.done():
-        tally.all_done.set_result(None)
+    tally.settle()
     conn.send(("ready", {"ok": tally.ok, "failed": tally.connect_failed + tally.bad_status}))
 
     commands: asyncio.Queue[Any] = asyncio.Queue()
