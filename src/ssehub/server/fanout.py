@@ -191,6 +191,12 @@ class Subscriber:
             self._drive(_END, 0)
 
     def _drive(self, message: dict[str, Any], size: int) -> None:
+        cycle = self.cycle
+        if cycle is not None and message is not _END and not cycle.flow.write_paused:
+            if not cycle.disconnected:
+                cycle.transport.write(chunk(message["body"]))
+                self._wrote(size, False)
+            return
         coro = self.send(message)
         try:
             yielded = coro.send(None)
