@@ -76,8 +76,9 @@ def uvicorn_cycle(send: Callable[..., Any]) -> Any | None:
 
 
 def chunk(data: bytes) -> bytes:
-    """`data` framed as one HTTP/1.1 chunk (RFC 9112, 7.1)."""
-    return b"%x\r\n%b\r\n" % (len(data), data)
+    """`data` framed as one HTTP/1.1 chunk (RFC 9112, 7.1); nothing for no data, as a
+    zero-size chunk would end the body."""
+    return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
 
 
 def body(data: bytes) -> dict[str, Any]:
