@@ -329,3 +329,31 @@ async def test_a_producer_sees_tails_in_other_processes(
 
 async def _not(check: Awaitable[bool]) -> bool:
     return not await check
+
+
+async def test_foreign_data_in_redis_never_stalls_other_tails(
+    pair: tuple[RedisBroker, RedisBroker], server: RedisServer
+) -> None:
+    a, b = pair
+    raw = aioredis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        good = b.tail("channel:good", None)
+        bad_entry = b.tail("channel:odd", None)
+        clobbered = b.tail("channel:clobbered", None)
+        tasks = [
+            asyncio.ensure_future(collect(good, 1)),
+            asyncio.ensure_future(collect(bad_entry, 1)),
+            asyncio.ensure_future(collect(clobbered, 1)),
+        ]
+        await asyncio.sleep(0.2)
+        # An entry no encoder would write, and a stream key overwritten by a string.
+        await raw.xadd(f"{a.prefix}s:channel:odd", {"e": "two\nlines", "d": "x"})
+        await raw.set(f"{a.prefix}s:channel:clobbered", "not a stream")
+        await a.append("channel:odd", [("message", "fine")])
+        await a.append("channel:good", [("message", "still delivered")])
+        (good_entries, _), (odd_entries, _), (_, clobbered_batches) = await asyncio.gather(*tasks)
+        assert [e.data for e in good_entries] == ["still delivered"]
+        assert [e.data for e in odd_entries] == ["fine"]
+        assert clobbered_batches[-1].closed
+    finally:
+        await raw.aclose()

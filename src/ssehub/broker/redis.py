@@ -205,7 +205,13 @@ def _entries(items: Sequence[tuple[str, dict[str, str]]]) -> tuple[list[Entry], 
     for entry_id, fields in items:
         if _CLOSED in fields:
             return entries, True
-        entries.append(Entry.make(entry_id, fields.get(_EVENT, "message"), fields.get(_DATA, "")))
+        try:
+            entry = Entry.make(entry_id, fields.get(_EVENT, "message"), fields.get(_DATA, ""))
+        except ValueError as exc:
+            # Not written by `append` (which checks first): skipped, never fatal to readers.
+            log.warning("skipping stream entry %s: %s", entry_id, exc)
+            continue
+        entries.append(entry)
     return entries, False
 
 
@@ -374,7 +380,9 @@ class RedisBroker(Broker):
             if str(exc).startswith("LOADING"):
                 self._down(exc)
                 raise BrokerUnavailable(f"redis at {self.url} is loading its data") from exc
-            raise
+            if _CLOSED_ERROR in str(exc):
+                raise StreamClosed("stream is closed") from None
+            raise BrokerError(f"redis at {self.url} refused: {exc}") from exc
         self._up()
 
     async def ping(self) -> bool:
@@ -418,10 +426,8 @@ class RedisBroker(Broker):
         try:
             with self._calling():
                 ids = await self._append(keys=[self._stream_key(stream)], args=args)
-        except redis_errors.ResponseError as exc:
-            if _CLOSED_ERROR in str(exc):
-                raise StreamClosed(f"stream {stream!r} is closed") from None
-            raise BrokerError(f"append to {stream!r} failed: {exc}") from exc
+        except StreamClosed:
+            raise StreamClosed(f"stream {stream!r} is closed") from None
         return [Entry.make(i, e.event, e.data) for i, e in zip(ids, checked, strict=True)]
 
     async def read(self, stream: str, after: str | None, limit: int = 1000) -> Batch:
@@ -663,9 +669,19 @@ class RedisBroker(Broker):
         return feed
 
     async def _read_feeds(self) -> None:
+        resync = False
+        while not self._closing:
+            try:
+                await self._read_loop(resync)
+            except Exception:
+                # A bug here would silently stall every tail of the process: log, go on.
+                log.exception("the redis reader failed; starting it again")
+                resync = True
+                await asyncio.sleep(1.0)
+
+    async def _read_loop(self, lost: bool) -> None:
         wake_cursor = _ZERO
         backoff = 0.05
-        lost = False
         while not self._closing:
             if not self._feeds:
                 self._feeds_changed.clear()
@@ -694,9 +710,15 @@ class RedisBroker(Broker):
                 backoff = min(backoff * 2, 1.0)
                 continue
             except redis_errors.ResponseError as exc:
-                self._down(exc)  # LOADING after a restart
-                lost = True
+                if str(exc).startswith("LOADING"):  # a restarted Redis reading its data
+                    self._down(exc)
+                    lost = True
+                elif "WRONGTYPE" in str(exc):
+                    await self._end_foreign_feeds()
+                else:
+                    log.error("reading streams from redis at %s failed: %s", self.url, exc)
                 await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.05
             self._up()
@@ -719,6 +741,20 @@ class RedisBroker(Broker):
                     fed.reset()  # its tails go back to the log, which reports the gap
                 else:
                     fed.push(entries, closed)
+
+    async def _end_foreign_feeds(self) -> None:
+        """End the tails of keys that something else made into a non-stream: one such key
+        must not stall the one XREAD that every other stream of the process shares."""
+        feeds = [f for f in self._feeds.values() if not f.closed]
+        with contextlib.suppress(BrokerError), self._calling():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for feed in feeds:
+                    pipe.type(feed.key)
+                types = await pipe.execute()
+            for feed, kind in zip(feeds, types, strict=True):
+                if kind not in ("stream", "none"):
+                    log.error("%s is a %s, not a stream: its tails end", feed.key, kind)
+                    feed.push([], closed=True)
 
     async def _trimmed_past_cursor(self, feeds: list[_Feed]) -> set[_Feed]:
         try:
@@ -745,44 +781,50 @@ class RedisBroker(Broker):
         again after twice as long each time, up to `_LEASE_CHECK_MAX` (a channel never
         has one; a completion has one from before its first event).
         """
-        keep = int(self.closed_ttl * 1000)
         while not self._closing:
             await asyncio.sleep(self.lease_check)
-            now = time.monotonic()
-            due = [
-                f
-                for f in self._feeds.values()
-                if not f.closed and now - f.idle_since >= self.lease_check and now >= f.check_at
-            ]
-            present = [f for f in self._feeds.values() if f.leased and not f.closed]
-            if not (due or present) or not self._available:
-                continue
             try:
-                with self._calling():
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        if present:
-                            args: list[str | int] = [self._process, self._presence_ms]
-                            args += ["0"] * len(present)
-                            await self._present(
-                                keys=[self._presence_key(f.stream) for f in present],
-                                args=args,
-                                client=pipe,
-                            )
-                        for feed in due:
-                            keys = [feed.key, self._lease_key(feed.stream)]
-                            await self._reap(keys=keys, args=[keep, "0"], client=pipe)
-                        answers = await pipe.execute()
-                        if present:
-                            answers = answers[1:]
-            except BrokerError as exc:
-                log.debug("lease check failed: %s", exc)
-                continue
-            for feed, answer in zip(due, answers, strict=True):
-                feed.leased = answer != -1
-                if answer == -1:
-                    feed.check_every = min(
-                        max(feed.check_every * 2, self.lease_check * 2), _LEASE_CHECK_MAX
-                    )
-                else:
-                    feed.check_every = self.lease_check
-                feed.check_at = now + feed.check_every
+                await self._check_leases()
+            except Exception:
+                log.exception("checking leases failed")
+
+    async def _check_leases(self) -> None:
+        keep = int(self.closed_ttl * 1000)
+        now = time.monotonic()
+        due = [
+            f
+            for f in self._feeds.values()
+            if not f.closed and now - f.idle_since >= self.lease_check and now >= f.check_at
+        ]
+        present = [f for f in self._feeds.values() if f.leased and not f.closed]
+        if not (due or present) or not self._available:
+            return
+        try:
+            with self._calling():
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    if present:
+                        args: list[str | int] = [self._process, self._presence_ms]
+                        args += ["0"] * len(present)
+                        await self._present(
+                            keys=[self._presence_key(f.stream) for f in present],
+                            args=args,
+                            client=pipe,
+                        )
+                    for feed in due:
+                        keys = [feed.key, self._lease_key(feed.stream)]
+                        await self._reap(keys=keys, args=[keep, "0"], client=pipe)
+                    answers = await pipe.execute()
+                    if present:
+                        answers = answers[1:]
+        except BrokerError as exc:
+            log.debug("lease check failed: %s", exc)
+            return
+        for feed, answer in zip(due, answers, strict=True):
+            feed.leased = answer != -1
+            if answer == -1:
+                feed.check_every = min(
+                    max(feed.check_every * 2, self.lease_check * 2), _LEASE_CHECK_MAX
+                )
+            else:
+                feed.check_every = self.lease_check
+            feed.check_at = now + feed.check_every
