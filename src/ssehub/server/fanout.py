@@ -4,14 +4,16 @@ Per-delivery cost is wake-ups and syscalls, so a batch (everything appended sinc
 previous one) is joined into one `bytes` once, and one pass over the channel's
 subscribers writes it to each: no task per subscriber wakes up.
 
-A write drives the server's ASGI `send(...)` coroutine by hand (`coro.send(None)`).
-uvicorn's `send` for a body chunk only suspends when the transport is paused by flow
-control (the client is not reading); otherwise it writes to the transport and returns at
-once, so `StopIteration` means "written", with no task switch. When it does suspend, the
-suspended write is finished by a small task (`Subscriber._finish`), and later batches pile
-up in the subscriber's pending bytes meanwhile; past `max_pending` the subscriber is
-disconnected and resumes from the log with Last-Event-ID. Any ASGI server works: a `send`
-that suspends for another reason is finished the same way.
+On uvicorn with httptools the pass writes the batch, framed as one HTTP/1.1 chunk once,
+straight to each connection's transport (see `uvicorn_cycle`). Elsewhere a write drives
+the server's ASGI `send(...)` coroutine by hand (`coro.send(None)`): a body chunk's
+`send` only suspends when the transport is paused by flow control (the client is not
+reading); otherwise it writes and returns at once, so `StopIteration` means "written",
+with no task switch. Either way, a paused transport makes the write wait in a small
+task (`Subscriber._finish`) while later batches pile up in the subscriber's pending
+bytes; past `max_pending` the subscriber is disconnected and resumes from the log with
+Last-Event-ID. Any ASGI server works: a `send` that suspends for another reason is
+finished the same way.
 """
 
 from __future__ import annotations
@@ -152,10 +154,6 @@ class Subscriber:
         self.done = False  # the final chunk was written or the connection was dropped
         self.reason: str | None = None
         self.task: asyncio.Task[Any] | None = asyncio.current_task()
-
-    @property
-    def stalled(self) -> bool:
-        return self.drainer is not None
 
     def write(self, data: bytes, events: int = 0) -> None:
         """Write `data` now if the transport takes it, else queue it behind the stuck write."""
