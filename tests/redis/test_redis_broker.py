@@ -357,3 +357,8 @@ async def test_foreign_data_in_redis_never_stalls_other_tails(
         assert clobbered_batches[-1].closed
     finally:
         await raw.aclose()
+
+
+async def test_a_url_that_is_not_redis_is_refused_clearly() -> None:
+    with pytest.raises(ValueError, match="not a Redis URL"):
+        RedisBroker("localhost:6379")

@@ -304,6 +304,10 @@ class RedisBroker(Broker):
         self._block_ms = int(block * 1000)
         # One retry covers a pooled connection that died with a Redis restart; when Redis
         # is down the connect is refused at once and the caller hears it fast.
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"not a Redis URL: {url!r} (redis://host:port/db, rediss://... or unix:///path)"
+            )
         retry = Retry(ExponentialBackoff(cap=0.2, base=0.02), 1)
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
