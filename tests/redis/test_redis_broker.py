@@ -362,3 +362,17 @@ async def test_foreign_data_in_redis_never_stalls_other_tails(
 async def test_a_url_that_is_not_redis_is_refused_clearly() -> None:
     with pytest.raises(ValueError, match="not a Redis URL"):
         RedisBroker("localhost:6379")
+
+
+async def test_an_idle_stream_is_trimmed_by_age_when_read(server: RedisServer) -> None:
+    broker = RedisBroker(server.url, retention=Retention(max_len=None, max_age=0.3), prefix="age:")
+    try:
+        old = await broker.append("channel:idle", [("message", "stale")])
+        await asyncio.sleep(0.5)  # nothing appended since: only a read can trim it
+        assert (await broker.read("channel:idle", None)).entries == []
+        # The newest trimmed id still resumes without a gap (nothing after it was lost).
+        caught_up = await broker.read("channel:idle", old[0].id)
+        assert not caught_up.gap
+        assert (await broker.read("channel:idle", "0-0")).gap
+    finally:
+        await broker.aclose()

@@ -108,6 +108,35 @@ if deleted then redis.call('XSETID', KEYS[1], ids[#ids], 'MAXDELETEDID', deleted
 return ids
 """
 
+# KEYS: stream. ARGV: max_age ms ('' = none), cursor ('' = from the oldest), count.
+# Trims by age first (as appends do), so an idle stream does not replay stale entries.
+# Returns nil for no stream, else {last generated id, max deleted id, items}.
+_READ = f"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+{_IS_CLOSED}
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local last, deleted
+for i = 1, #info, 2 do
+  if info[i] == 'last-generated-id' then last = info[i + 1] end
+  if info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
+end
+if ARGV[1] ~= '' and not is_closed(KEYS[1]) then
+  {_NOW_MS}
+  local oldest = string.format('%d', now - tonumber(ARGV[1]))
+  if tonumber(oldest) > 0 then
+    local old = redis.call('XREVRANGE', KEYS[1], '(' .. oldest .. '-0', '-', 'COUNT', 1)
+    if #old > 0 then
+      deleted = old[1][1]
+      redis.call('XTRIM', KEYS[1], 'MINID', '=', oldest .. '-0')
+      redis.call('XSETID', KEYS[1], last, 'MAXDELETEDID', deleted)
+    end
+  end
+end
+local start = '-'
+if ARGV[2] ~= '' then start = '(' .. ARGV[2] end
+return {{last, deleted, redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', ARGV[3])}}
+"""
+
 # KEYS: stream, lease. ARGV: expire ms.
 _CLOSE = f"""
 {_IS_CLOSED}
@@ -332,6 +361,7 @@ class RedisBroker(Broker):
         self._close = self._redis.register_script(_CLOSE)
         self._renew = self._redis.register_script(_RENEW)
         self._reap = self._redis.register_script(_REAP)
+        self._read = self._redis.register_script(_READ)
         self._present = self._redis.register_script(_PRESENT)
         self._elsewhere = self._redis.register_script(_ELSEWHERE)
         self._process = uuid.uuid4().hex
@@ -435,32 +465,34 @@ class RedisBroker(Broker):
         return [Entry.make(i, e.event, e.data) for i, e in zip(ids, checked, strict=True)]
 
     async def read(self, stream: str, after: str | None, limit: int = 1000) -> Batch:
-        key = self._stream_key(stream)
         cursor = parse_id(after) if after is not None else None
-        if after is not None and cursor is None:
-            # Malformed: the reader is told, then gets everything from the oldest.
-            batch = await self._range(key, "-", limit)
-            return Batch(batch.entries, gap=True, closed=batch.closed)
-        if cursor is None:
-            return await self._range(key, "-", limit)
+        # Malformed: the reader is told, then gets everything from the oldest.
+        malformed = after is not None and cursor is None
+        max_age = self.retention.max_age
         with self._calling():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.xinfo_stream(key)
-                pipe.xrange(key, f"({after}", "+", count=limit + 1)
-                info, items = await pipe.execute(raise_on_error=False)
-        if isinstance(info, BaseException):
-            if "no such key" not in str(info).lower():
-                raise BrokerError(f"read of {stream!r} failed: {info}")
-            return Batch(())
-        assert not isinstance(items, BaseException), items
-        last = parse_id(info["last-generated-id"]) or (0, 0)
-        deleted = parse_id(info["max-deleted-entry-id"]) or (0, 0)
-        # As MemoryBroker: a cursor past the newest id is not of this stream, and one
-        # older than the newest trimmed id missed what was trimmed.
-        if cursor > last or cursor < deleted:
-            batch = await self._range(key, "-", limit)
-            return Batch(batch.entries, gap=True, closed=batch.closed)
-        return self._batch(items, limit)
+            reply = await self._read(
+                keys=[self._stream_key(stream)],
+                args=[
+                    "" if max_age is None else int(max_age * 1000),
+                    after if after is not None and cursor is not None else "",
+                    limit + 1,
+                ],
+            )
+        if reply is None:
+            return Batch((), gap=malformed)
+        last_id, deleted_id, raw = reply
+        # Lua hands back an entry's fields as a flat list.
+        items = [(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in raw]
+        if cursor is not None:
+            last = parse_id(last_id) or (0, 0)
+            deleted = parse_id(deleted_id) or (0, 0)
+            # As MemoryBroker: a cursor past the newest id is not of this stream, and one
+            # older than the newest trimmed id missed what was trimmed.
+            if cursor > last or cursor < deleted:
+                batch = await self._range(self._stream_key(stream), "-", limit)
+                return Batch(batch.entries, gap=True, closed=batch.closed)
+        batch = self._batch(items, limit)
+        return Batch(batch.entries, gap=malformed, closed=batch.closed) if malformed else batch
 
     async def _range(self, key: str, start: str, limit: int) -> Batch:
         with self._calling():
