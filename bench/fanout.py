@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+NCHAN_CONF = ROOT / "bench" / "peers" / "nchan.conf"  # a template: @NAMES@ are filled in
 HOST = "127.0.0.1"
 SERVER_CORE = 1
 LOADGEN_CORE = 0
@@ -732,16 +733,17 @@ class Nchan(ServerUnderTest):
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         buffer = max(self.args.events, self.args.scale_events) + 100
         conf = prefix / "nginx.conf"
-        conf.write_text(
-            NGINX_CONF.format(
-                prefix=prefix,
-                module=module,
-                nofile=nofile,
-                connections=max(1024, nofile - 100),
-                port=self.port,
-                buffer=buffer,
-            )
-        )
+        text = NCHAN_CONF.read_text()
+        for name, value in {
+            "PREFIX": prefix,
+            "MODULE": module,
+            "NOFILE": nofile,
+            "CONNECTIONS": max(1024, nofile - 100),
+            "PORT": self.port,
+            "BUFFER": buffer,
+        }.items():
+            text = text.replace(f"@{name}@", str(value))
+        conf.write_text(text)
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         return [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
 
@@ -757,49 +759,6 @@ class Nchan(ServerUnderTest):
             return 0
         value = json.loads(body).get("subscribers") if status == 200 else None
         return value if isinstance(value, int) else None
-
-
-# nchan 1.3 (Debian's libnginx-mod-nchan). One worker; the message buffer holds every event
-# of a run, so a subscriber that falls behind still gets all of them (as ssehub's log does).
-NGINX_CONF = """\
-worker_processes 1;
-daemon off;
-master_process on;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-load_module {module};
-worker_rlimit_nofile {nofile};
-events {{
-    worker_connections {connections};
-}}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-    nchan_shared_memory_size 256M;
-    nchan_message_buffer_length {buffer};
-    nchan_message_timeout 1h;
-    server {{
-        listen {port} backlog=4096;
-        location ~ ^/sub/(.+)$ {{
-            nchan_subscriber eventsource;
-            nchan_channel_id $1;
-        }}
-        location ~ ^/pub/(.+)$ {{
-            nchan_publisher;
-            nchan_channel_id $1;
-        }}
-        location = / {{
-            return 200 "nchan\\n";
-        }}
-    }}
-}}
-"""
 
 
 class SseStarlette(ServerUnderTest):
