@@ -130,7 +130,7 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: flo
         time.sleep(interval)
 
 
-def percentile(sorted_values: Sequence[int], q: float) -> float:
+def percentile(sorted_values: Sequence[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
     index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
@@ -787,6 +787,14 @@ SERVERS: dict[str, type[ServerUnderTest]] = {cls.name: cls for cls in (Ssehub, N
 
 
 @dataclass
+class Published:
+    requests: int = 0
+    failures: int = 0
+    # Seconds each POST took: how long the server kept a publisher waiting.
+    times: list[float] = field(default_factory=list)
+
+
+@dataclass
 class Row:
     server: str
     mode: str
@@ -838,10 +846,9 @@ def event_data(publisher: int, seq: int, size: int) -> str:
 
 def publish_all(
     server: ServerUnderTest, channel: str, events: int, size: int, batch: int, publishers: int
-) -> tuple[int, int]:
+) -> Published:
     """Publish `events` as fast as the server takes them, from `publishers` connections
-    at once (threads: they wait on the server, not on the GIL); returns (requests, failures).
-    """
+    at once (threads: they wait on the server, not on the GIL)."""
     if publishers == 1:
         return publish_some(server, channel, 0, events, size, batch)
     shares = [
@@ -853,16 +860,20 @@ def publish_all(
             for i, share in enumerate(shares)
         ]
         done = [f.result() for f in futures]
-    return sum(r for r, _ in done), sum(f for _, f in done)
+    return Published(
+        sum(p.requests for p in done),
+        sum(p.failures for p in done),
+        [t for p in done for t in p.times],
+    )
 
 
 def publish_some(
     server: ServerUnderTest, channel: str, publisher: int, events: int, size: int, batch: int
-) -> tuple[int, int]:
+) -> Published:
     """One publisher: sequential POSTs over one keep-alive connection."""
     conn = HttpConnection(server.port)
     path = server.pub_path(channel)
-    requests = failures = 0
+    result = Published()
     try:
         seq = 0
         while seq < events:
@@ -876,13 +887,15 @@ def publish_some(
                 body = event_data(publisher, seq, size).encode()
                 content_type = "text/plain"
                 seq += 1
+            sent = time.perf_counter()
             status, _ = conn.request("POST", path, body, [("Content-Type", content_type)])
-            requests += 1
+            result.times.append(time.perf_counter() - sent)
+            result.requests += 1
             if not 200 <= status < 300:
-                failures += 1
+                result.failures += 1
     finally:
         conn.close()
-    return requests, failures
+    return result
 
 
 def run_fanout(
@@ -906,7 +919,7 @@ def run_fanout(
         own_cpu_before = time.process_time()
         pool.go(args.timeout)
         start = time.monotonic_ns()
-        requests, pub_failures = publish_all(server, channel, events, args.size, batch, publishers)
+        published_by = publish_all(server, channel, events, args.size, batch, publishers)
         published = time.monotonic_ns()
         result = pool.results(args.timeout + 60)
         user, system = cpu_times(server.pid)
@@ -923,6 +936,7 @@ def run_fanout(
     end = result["last_done_ns"] if complete else time.monotonic_ns()
     seconds = (end - start) / 1e9
     latencies = sorted(result["latencies"])
+    post_times = sorted(published_by.times)
     row.deliveries_per_s = delivered / seconds if seconds > 0 else None
     row.p50_ms = percentile(latencies, 0.50) / 1e6
     row.p99_ms = percentile(latencies, 0.99) / 1e6
@@ -932,7 +946,7 @@ def run_fanout(
         + result["dropped"]
         + result["order_errors"]
         + result["over_delivered"]
-        + pub_failures
+        + published_by.failures
     )
     row.detail = {
         **row.detail,
@@ -944,9 +958,12 @@ def run_fanout(
         "complete_subscribers": result["complete"],
         "seconds_first_publish_to_last_delivery": seconds,
         "publish_seconds": (published - start) / 1e9,
-        "publish_requests": requests,
+        "publish_requests": published_by.requests,
+        "post_ms_p50": percentile(post_times, 0.50) * 1e3,
+        "post_ms_p99": percentile(post_times, 0.99) * 1e3,
+        "post_ms_max": post_times[-1] * 1e3 if post_times else None,
         "events_published_per_s": events / ((published - start) / 1e9),
-        "publish_failures": pub_failures,
+        "publish_failures": published_by.failures,
         "connect_failures": ready["failed"],
         "dropped_connections": result["dropped"],
         "order_errors_in_sample": result["order_errors"],
