@@ -376,3 +376,30 @@ async def test_an_idle_stream_is_trimmed_by_age_when_read(server: RedisServer) -
         assert (await broker.read("channel:idle", "0-0")).gap
     finally:
         await broker.aclose()
+
+
+async def test_a_gap_with_nothing_retained_is_reported_once(server: RedisServer) -> None:
+    broker = RedisBroker(
+        server.url, retention=Retention(max_len=None, max_age=0.3), prefix="gap-once:"
+    )
+    try:
+        (a,) = await broker.append("channel:g", [("message", "a")])
+        (b,) = await broker.append("channel:g", [("message", "b")])
+        await asyncio.sleep(0.5)
+        # Another tail makes the process's feed start after "b".
+        live = broker.tail("channel:g", b.id)
+        live_task = asyncio.ensure_future(collect(live, 1))
+        await asyncio.sleep(0.2)
+        behind = broker.tail("channel:g", a.id)
+        first = await asyncio.wait_for(anext(behind), 10)
+        assert first.gap
+        assert not first.entries
+        following = asyncio.ensure_future(anext(behind))
+        await asyncio.sleep(0.2)
+        await broker.append("channel:g", [("message", "c")])
+        second = await asyncio.wait_for(following, 10)
+        assert not second.gap
+        assert [e.data for e in second.entries] == ["c"]
+        assert [e.data for e in (await live_task)[0]] == ["c"]
+    finally:
+        await broker.aclose()

@@ -46,6 +46,7 @@ from ssehub.broker.base import (
     Retention,
     StreamClosed,
     StreamInfo,
+    format_id,
     parse_id,
 )
 
@@ -465,39 +466,46 @@ class RedisBroker(Broker):
         return [Entry.make(i, e.event, e.data) for i, e in zip(ids, checked, strict=True)]
 
     async def read(self, stream: str, after: str | None, limit: int = 1000) -> Batch:
+        batch, _ = await self._read_log(stream, after, limit)
+        return batch
+
+    async def _read_log(self, stream: str, after: str | None, limit: int) -> tuple[Batch, str]:
+        """`read`, and the cursor to go on from: the last entry's id, or with no entry
+        the stream's newest id (everything up to it is gone), so a reader that got a gap
+        and nothing else does not ask again from before the gap."""
         cursor = parse_id(after) if after is not None else None
+        valid = after if after is not None and cursor is not None else None
         # Malformed: the reader is told, then gets everything from the oldest.
         malformed = after is not None and cursor is None
         max_age = self.retention.max_age
         with self._calling():
             reply = await self._read(
                 keys=[self._stream_key(stream)],
-                args=[
-                    "" if max_age is None else int(max_age * 1000),
-                    after if after is not None and cursor is not None else "",
-                    limit + 1,
-                ],
+                args=["" if max_age is None else int(max_age * 1000), valid or "", limit + 1],
             )
         if reply is None:
-            return Batch((), gap=malformed)
+            return Batch((), gap=malformed), valid or _ZERO
         last_id, deleted_id, raw = reply
         # Lua hands back an entry's fields as a flat list.
-        items = [(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in raw]
+        items: _Items = [(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in raw]
+        gap = malformed
         if cursor is not None:
             last = parse_id(last_id) or (0, 0)
             deleted = parse_id(deleted_id) or (0, 0)
             # As MemoryBroker: a cursor past the newest id is not of this stream, and one
             # older than the newest trimmed id missed what was trimmed.
             if cursor > last or cursor < deleted:
-                batch = await self._range(self._stream_key(stream), "-", limit)
-                return Batch(batch.entries, gap=True, closed=batch.closed)
+                gap = True
+                with self._calling():
+                    items = cast(
+                        _Items,
+                        await self._redis.xrange(
+                            self._stream_key(stream), "-", "+", count=limit + 1
+                        ),
+                    )
         batch = self._batch(items, limit)
-        return Batch(batch.entries, gap=malformed, closed=batch.closed) if malformed else batch
-
-    async def _range(self, key: str, start: str, limit: int) -> Batch:
-        with self._calling():
-            items = await self._redis.xrange(key, start, "+", count=limit + 1)
-        return self._batch(cast(_Items, items), limit)
+        end = batch.entries[-1].id if batch.entries else last_id
+        return Batch(batch.entries, gap=gap, closed=batch.closed), end
 
     def _batch(self, items: Sequence[tuple[str, dict[str, str]]], limit: int) -> Batch:
         entries, closed = _entries(items[: limit + 1])
@@ -507,20 +515,17 @@ class RedisBroker(Broker):
 
     async def tail(self, stream: str, after: str | None) -> AsyncIterator[Batch]:
         page = 1000
-        batch = await self.read(stream, after, page)
-        cursor = after if after is not None and not batch.gap else _ZERO
+        batch, cursor = await self._read_log(stream, after, page)
         key = self._stream_key(stream)
         # Catch up from the log itself, a page at a time, before joining the live feed.
         while True:
-            if batch.entries:
-                cursor = batch.entries[-1].id
             if batch.entries or batch.gap or batch.closed:
                 yield batch
             if batch.closed:
                 return
             if len(batch.entries) < page:
                 break
-            batch = await self.read(stream, cursor, page)
+            batch, cursor = await self._read_log(stream, cursor, page)
         feed = await self._join(stream, key, cursor)
         try:
             epoch = feed.epoch
@@ -532,15 +537,16 @@ class RedisBroker(Broker):
                     # also tells whether anything after the cursor was lost.
                     epoch = feed.epoch
                     try:
-                        batch = await self.read(stream, cursor, page)
+                        batch, cursor = await self._read_log(stream, cursor, page)
                     except BrokerUnavailable:
                         await self._back.wait()
                         continue
-                    if batch.entries:
-                        cursor = batch.entries[-1].id
-                        position = batch.entries[-1].key
-                    elif batch.gap:
-                        cursor, position = _ZERO, (0, 0)
+                    position = parse_id(cursor) or (0, 0)
+                    if len(batch.entries) < page and position < feed.covered:
+                        # The log has nothing more: what the feed dropped from its window
+                        # is in this read or gone with a Redis that lost it. Never ask again.
+                        position = feed.covered
+                        cursor = format_id(position)
                     if batch.entries or batch.gap or batch.closed:
                         yield batch
                     if batch.closed:
