@@ -173,8 +173,9 @@ async def test_a_producer_killed_mid_stream_ends_it_for_readers_elsewhere(
         rest, batches = await collect(tail, 10, within=15)
         assert [e.data for e in rest] == ['{"error": {"message": "gone"}}', "[DONE]"]
         assert batches[-1].closed
-        # The lease was 0.6 s, readers check every 0.2 s when idle.
-        assert time.monotonic() - killed < 5
+        # The lease was 0.6 s, readers check every 0.2 s when idle: about a second, far
+        # less on a machine that is not busy.
+        assert time.monotonic() - killed < 10
     finally:
         proc.kill()
         proc.wait()
@@ -189,12 +190,12 @@ async def test_a_held_lease_keeps_an_idle_stream_open_and_closing_ends_it_cleanl
 ) -> None:
     producer, reader = pair
     tail = reader.tail("run:slow", None)
-    async with producer.lease("run:slow", ttl=0.3):
+    async with producer.lease("run:slow", ttl=1.0):
         await producer.append("run:slow", [("message", "a")])
         first, _ = await collect(tail, 1)
         # Several lease periods with no event: the stream must stay open.
         waiting = asyncio.ensure_future(collect(tail, 1, within=10))
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(2.5)
         assert not waiting.done()
         await producer.append("run:slow", [("message", "b")])
         await producer.close("run:slow", expire_after=60)
