@@ -404,3 +404,30 @@ async def test_a_gap_with_nothing_retained_is_reported_once(server: RedisServer)
         assert [e.data for e in (await live_task)[0]] == ["c"]
     finally:
         await broker.aclose()
+
+
+async def test_a_redis_outage_longer_than_a_lease_does_not_end_its_stream() -> None:
+    with redis_server(persist=True) as server:
+        producer = RedisBroker(server.url, prefix="outage:", lease_check=0.2)
+        reader = RedisBroker(server.url, prefix="outage:", lease_check=0.2)
+        try:
+            async with producer.lease("run:o", ttl=1.0, lost=[("message", "LOST")]):
+                await producer.append("run:o", [("message", "a")])
+                tail = reader.tail("run:o", None)
+                await collect(tail, 1)
+                waiting = asyncio.ensure_future(collect(tail, 1, within=30))
+                server.stop()
+                await asyncio.sleep(2.0)  # twice the lease: its deadline passes
+                server.start()
+                await _until(lambda: producer.ping())
+                await asyncio.sleep(1.5)  # readers check every 0.2 s
+                assert not waiting.done()
+                await producer.append("run:o", [("message", "b")])
+                await producer.close("run:o")
+            entries, _ = await waiting
+            assert [e.data for e in entries] == ["b"]
+            rest = await reader.read("run:o", None)
+            assert [e.data for e in rest.entries] == ["a", "b"]
+        finally:
+            await producer.aclose()
+            await reader.aclose()

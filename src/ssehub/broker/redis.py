@@ -61,6 +61,9 @@ _FEED_WINDOW = 1024
 _READ_COUNT = 1000
 # An idle stream found without a lease is asked again less and less often, up to this.
 _LEASE_CHECK_MAX = 30.0
+# After this process could not reach Redis, its producers could not either: it gives them
+# this long (the default lease time) to renew before it ends their streams as orphans.
+_REAP_GRACE = 5.0
 
 # The Lua scripts run atomically in Redis: "is it closed?" and the write that depends on
 # the answer cannot be split by another node's close. Ages use Redis's clock (TIME), the
@@ -370,6 +373,7 @@ class RedisBroker(Broker):
         self._feeds: dict[str, _Feed] = {}
         self._feeds_changed = asyncio.Event()
         self._available = True
+        self._back_at = -_REAP_GRACE
         self._back = asyncio.Event()
         self._back.set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -394,6 +398,7 @@ class RedisBroker(Broker):
     def _up(self) -> None:
         if not self._available:
             log.warning("redis at %s is reachable again", self.url)
+            self._back_at = time.monotonic()
         self._available = True
         self._back.set()
 
@@ -839,7 +844,11 @@ class RedisBroker(Broker):
             if not f.closed and now - f.idle_since >= self.lease_check and now >= f.check_at
         ]
         present = [f for f in self._feeds.values() if f.leased and not f.closed]
-        if not (due or present) or not self._available:
+        if not self._available:
+            return
+        if now - self._back_at < _REAP_GRACE:
+            due = []
+        if not (due or present):
             return
         try:
             with self._calling():
