@@ -60,3 +60,10 @@ def test_serve_reads_its_flags_from_the_environment() -> None:
         )
     assert denied.status_code == 401
     assert allowed.status_code == 200
+
+
+def test_a_bad_redis_url_is_one_clear_line() -> None:
+    result = run_cli("serve", "--redis-url", "foo")
+    assert result.returncode == 2
+    assert "not a Redis URL" in result.stderr
+    assert "Traceback" not in result.stderr

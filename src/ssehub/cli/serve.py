@@ -78,6 +78,15 @@ def serve(**options: Any) -> None:
         )
     import uvicorn
 
+    from ssehub.server.app import create_app
+
+    try:
+        # Built here even for workers: a bad setting (a Redis URL that is not one, say)
+        # is one clear line now, not a traceback from every worker.
+        app = create_app(settings)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -89,9 +98,7 @@ def serve(**options: Any) -> None:
         "timeout_keep_alive": 5,
     }
     if settings.workers == 1:
-        from ssehub.server.app import create_app
-
-        uvicorn.run(create_app(settings), **common)
+        uvicorn.run(app, **common)
         return
     # Workers import the app by name, so settings travel as environment variables.
     os.environ.update(settings_to_env(settings))
