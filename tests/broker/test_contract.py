@@ -255,3 +255,16 @@ async def test_tail_busy_reader_still_gets_the_end_of_a_closed_stream(broker: Br
         else:
             pytest.fail("the tail ended without a closed batch")
     assert rest == ["b"]
+
+
+async def test_request_stop_reaches_the_lease_holder(broker: Broker) -> None:
+    stopped = anyio.Event()
+    assert not await broker.request_stop("held")  # nobody holds it yet
+    async with broker.lease("held", ttl=30.0, on_stop=stopped.set):
+        await broker.append("held", [("message", "a")])
+        assert await broker.request_stop("held")
+        with anyio.fail_after(5):
+            await stopped.wait()
+        await broker.close("held")
+    assert not await broker.request_stop("held")  # ended: nobody to ask
+    assert not await broker.request_stop("never")

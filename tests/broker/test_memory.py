@@ -49,3 +49,19 @@ async def test_trimming_compacts_the_entry_list() -> None:
     assert len(log.entries) < 3000  # compacted, not 5000 slots with a moving head
     batch = await broker.read("s", None)
     assert [e.data for e in batch.entries] == [str(i) for i in range(4990, 5000)]
+
+
+async def test_a_cursor_from_an_earlier_process_is_a_gap() -> None:
+    """Ids carry wall time: one older than this broker is another process's, and what
+    followed it there is gone, so the reader is told."""
+    old = MemoryBroker()
+    (before,) = await old.append("s", [("message", "from the old process")])
+    await asyncio.sleep(0.01)  # the next process starts at a later millisecond
+    new = MemoryBroker()
+    assert (await new.read("s", before.id)).gap  # no stream yet
+    await new.append("s", [("message", "new")])
+    batch = await new.read("s", before.id)
+    assert batch.gap
+    assert [e.data for e in batch.entries] == ["new"]
+    # `0-0` means "from the start": never a gap.
+    assert not (await new.read("s", "0-0")).gap

@@ -93,12 +93,18 @@ class _Log:
             start = bisect.bisect_right(self.entries, key, self.head, key=_entry_key)
         return self.entries[start : start + limit]
 
-    def resolve(self, cursor: str | None) -> tuple[tuple[int, int] | None, bool]:
+    def resolve(
+        self, cursor: str | None, born: tuple[int, int]
+    ) -> tuple[tuple[int, int] | None, bool]:
         """The key to read after for `cursor`, and whether the reader has a gap."""
         if cursor is None:
             return None, False
         key = parse_id(cursor)
         if key is None:
+            return None, True
+        if key < born and key != (0, 0):
+            # An id from before this broker existed (an earlier process): what followed
+            # it there is gone. `0-0` is the explicit "from the start", never a gap.
             return None, True
         if self.last_key is not None and key > self.last_key:
             return None, True  # from the future: not an id of this stream
@@ -118,6 +124,8 @@ class MemoryBroker(Broker):
         self.retention = retention or Retention()
         self.closed_ttl = closed_ttl
         self._logs: dict[str, _Log] = {}
+        # Ids before this are another process's: its entries died with it.
+        self._born = (self._now_ms(), 0)
 
     def _now_ms(self) -> int:
         return int(time.time() * 1000)
@@ -162,8 +170,8 @@ class MemoryBroker(Broker):
     async def read(self, stream: str, after: str | None, limit: int = 1000) -> Batch:
         log = self._trimmed(stream)
         if log is None:
-            return Batch((), gap=after is not None and parse_id(after) is None)
-        key, gap = log.resolve(after)
+            return Batch((), gap=_Log().resolve(after, self._born)[1])
+        key, gap = log.resolve(after, self._born)
         entries = log.after(key, limit)
         closed = log.closed and (not entries or entries[-1].key == log.last_key)
         return Batch(entries, gap=gap, closed=closed)
@@ -173,7 +181,7 @@ class MemoryBroker(Broker):
         if log is None:
             # Not there yet: follow a placeholder that the first append fills.
             log = self._logs[stream] = _Log()
-        key, gap = log.resolve(after)
+        key, gap = log.resolve(after, self._born)
         log.tails += 1
         try:
             while True:
