@@ -31,5 +31,12 @@ typecheck: $(VENV)/.test-installed
 test: lint typecheck
 	$(BIN)/python -m pytest
 
+# Run by hand on a quiet machine; each script prints ssehub beside its peers.
+bench: $(VENV)/.test-installed
+	$(BIN)/python bench/decoder.py
+	$(BIN)/python bench/fanout.py
+	$(BIN)/python bench/relay.py
+	$(BIN)/python bench/redis_fanout.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
