@@ -124,11 +124,43 @@ def test_start_from_oldest_and_from_zero(server: Server) -> None:
             assert not any(e.event == "ssehub.gap" for e in stream.events)
 
 
-def test_joining_while_publishing_never_loses_or_repeats() -> None:
-    """Subscribers drop and resume by Last-Event-ID while a publisher runs flat out."""
-    with running() as server:
+def raw_subscribers(server: Server, path: str, count: int) -> list[Any]:
+    """`count` subscriptions on raw sockets: cheap enough for passes longer than a slice."""
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    socks = []
+    for _ in range(count):
+        s = socket.create_connection((host, int(port)))
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        socks.append(s)
+    return socks
+
+
+def raw_data(sock: Any, events: int) -> list[str]:
+    """The data of the first `events` events a raw subscription received."""
+    sock.settimeout(10)
+    buf = b""
+    while buf.count(b"data: ") < events:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed early"
+        buf += chunk
+    body = buf.split(b"\r\n\r\n", 1)[1]
+    return [line[6:].decode() for line in body.split(b"\n") if line.startswith(b"data: ")]
+
+
+@pytest.mark.parametrize("bystanders", [0, 60])
+def test_joining_while_publishing_never_loses_or_repeats(bystanders: int) -> None:
+    """Subscribers drop and resume by Last-Event-ID while a publisher runs flat out.
+
+    With bystanders, each pass over the channel spans several slices (`PASS_SLICE`), so
+    the resuming subscriber joins and leaves while a pass is paused.
+    """
+    with running(heartbeat=0) as server:
         total = 400
         done = threading.Event()
+        socks = raw_subscribers(server, "/channels/race", bystanders)
+        server.wait_live(bystanders)
 
         def publisher() -> None:
             with httpx.Client(base_url=server.url, timeout=10) as client:
@@ -155,9 +187,14 @@ def test_joining_while_publishing_never_loses_or_repeats() -> None:
                     received.extend(e.data for e in events)
                     cursor = events[-1].id or ""
                 reads += 1
+            expected = ["start"] + [f"e{i}" for i in range(total)]
+            for sock in socks:
+                assert raw_data(sock, total + 1) == expected
         finally:
             thread.join(timeout=30)
-        assert received == ["start"] + [f"e{i}" for i in range(total)], " ".join(received)
+            for sock in socks:
+                sock.close()
+        assert received == expected, " ".join(received)
         assert reads > 5
 
 
@@ -253,16 +290,9 @@ def test_a_client_that_leaves_is_forgotten_at_once(server: Server) -> None:
 
 def test_many_subscribers_get_every_event_in_order() -> None:
     """Raw sockets, so hundreds of subscribers cost the test little; a batch publisher."""
-    import socket
-
     count, events = 300, 200
     with running(heartbeat=0) as server:
-        host, port = server.url.removeprefix("http://").split(":")
-        socks = []
-        for _ in range(count):
-            s = socket.create_connection((host, int(port)))
-            s.sendall(f"GET /channels/many HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-            socks.append(s)
+        socks = raw_subscribers(server, "/channels/many", count)
         try:
             server.wait_live(count)
             for i in range(0, events, 20):
@@ -270,17 +300,7 @@ def test_many_subscribers_get_every_event_in_order() -> None:
                 assert r.status_code == 200
             expected = [f"e{j}" for j in range(events)]
             for s in socks:
-                s.settimeout(10)
-                buf = b""
-                while buf.count(b"data: ") < events:
-                    chunk = s.recv(65536)
-                    assert chunk, "connection closed early"
-                    buf += chunk
-                body = buf.split(b"\r\n\r\n", 1)[1]
-                data = [
-                    line[6:].decode() for line in body.split(b"\n") if line.startswith(b"data: ")
-                ]
-                assert data == expected
+                assert raw_data(s, events) == expected
         finally:
             for s in socks:
                 s.close()
