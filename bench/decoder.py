@@ -31,10 +31,20 @@ from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 from ssehub.protocol import Decoder, ServerSentEvent, encode, encode_data
 
 
-def make_stream(events: int, size: int = 150) -> bytes:
+def make_stream(events: int, shape: str = "full", size: int = 150) -> bytes:
+    """`events` events of about `size` bytes each.
+
+    Shapes: `full` (id, event type, one JSON data line: a hub channel), `data` (one data
+    line only: an OpenAI-style completion stream), `lines` (id and three data lines).
+    """
     parts = []
     for i in range(events):
-        head = f"id: {i}\nevent: update\ndata: "
+        if shape == "full":
+            head = f"id: {i}\nevent: update\ndata: "
+        elif shape == "data":
+            head = "data: "
+        else:
+            head = f"id: {i}\ndata: line one\ndata: line two\ndata: "
         payload = {"seq": i, "channel": "prices", "text": ""}
         body = json.dumps(payload, separators=(",", ":"))
         pad = max(0, size - len(head) - len(body) - 2)
@@ -111,13 +121,15 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--shape", choices=["full", "data", "lines"], default="full")
     args = parser.parse_args()
 
-    stream = make_stream(args.events)
+    stream = make_stream(args.events, args.shape)
     chunks = chunked(stream, args.chunk)
     print(
-        f"decoding {args.events} events, {len(stream) / args.events:.0f} bytes each, "
-        f"in {len(chunks)} chunks of {args.chunk} bytes (best of {args.repeat})"
+        f"decoding {args.events} {args.shape!r} events, "
+        f"{len(stream) / args.events:.0f} bytes each, in {len(chunks)} chunks of "
+        f"{args.chunk} bytes (best of {args.repeat})"
     )
     runners = {
         "ssehub Decoder": run_ssehub,

@@ -27,10 +27,11 @@ DEFAULT_MAX_EVENT_SIZE = 16 * 1024 * 1024
 
 _BOM = "\ufeff"
 
-# A block of the shape servers send most, lines in either order: `event: T`, `id: I`
-# (without NUL: such an `id` is ignored, left to the line parser), one `data: D`. Parsing
-# it by the rules of 9.2.6 gives type T (or "message"), last event ID I, data D.
-_COMMON_BLOCK = re.compile(r"(?:event: (.*)\n)?(?:id: ([^\n\0]*)\n)?(?:event: (.*)\n)?data: (.*)")
+# The head of a block of the shape servers send most: `event: T` and `id: I` lines in any
+# order (the last of each wins, as when parsing line by line; an `id` holding NUL is
+# ignored by 9.2.6, so it is left to the line parser), then `data: ` and the rest of the
+# block. Dispatching it gives type T (or "message"), last event ID I, the data lines.
+_COMMON_BLOCK = re.compile(r"(?:event: (.*)\n|id: ([^\n\0]*)\n)*data: ((?s:.*))")
 
 
 class EventTooLarge(ValueError):
@@ -294,35 +295,52 @@ class Decoder:
 
     def _parse_blocks(self, text: str, events: list[ServerSentEvent]) -> None:
         # `text` is whole blocks, each ended by a blank line, the first starting with empty
-        # data and event type buffers (the line before it was blank). The blocks servers
-        # send most (an optional `event:` and `id:` then one `data:` line) are matched at
-        # once; the rest go through the line parser. Either way every block ends with a
-        # dispatch, so the last event ID string is the buffer at the end.
+        # data and event type buffers (the line before it was blank). Every block ends with
+        # a dispatch, so the last event ID string ends as the last event ID buffer.
+        if len(text) >= self.max_event_size:
+            # A block may outgrow the bound: the line parser measures each one.
+            self._parse_lines([*text.split("\n"), ""], events)
+            return
         id_buffer = self._id_buffer
-        limit = self.max_event_size
-        match = _COMMON_BLOCK.fullmatch
+        match = _COMMON_BLOCK.match
         for block in text.split("\n\n"):
-            if not block:
+            # The blocks servers send most are parsed at once, with str methods and one
+            # regex, to the result the line parser would give; any other goes to it.
+            if block[:6] == "data: ":
+                data = block[6:]
+                event_type = "message"
+                new_id = id_buffer
+            elif not block:
                 # A blank line right after a blank line (some servers send bare line ends
                 # as heartbeats): its dispatch finds the buffers empty, changes nothing.
                 continue
-            m = match(block)
-            if m is None or len(block) > limit:
-                if block[0] == ":" and "\n" not in block:
-                    # A lone comment (a heartbeat): its block dispatches nothing, likewise.
+            else:
+                m = match(block)
+                if m is None:
+                    if block[0] == ":" and "\n" not in block:
+                        # A lone comment (a heartbeat): dispatches nothing, likewise.
+                        continue
+                    self._id_buffer = id_buffer
+                    self._parse_lines([*block.split("\n"), ""], events)
+                    id_buffer = self._id_buffer
                     continue
-                self._id_buffer = id_buffer
-                self._parse_lines([*block.split("\n"), ""], events)
-                id_buffer = self._id_buffer
-                continue
-            first_type, id_value, event_type, data = m.groups()
-            if id_value is not None:
-                id_buffer = id_value
-            if event_type is None:
-                event_type = first_type
+                event_type, new_id, data = m.groups()
+                if new_id is None:
+                    new_id = id_buffer
+                event_type = event_type or "message"
+            if "\n" in data:
+                # Several lines after the first data line: all data lines (each LF starts
+                # one) are joined with LF by dropping their `data: ` prefixes.
+                if data.count("\n") != data.count("\ndata: "):
+                    self._id_buffer = id_buffer
+                    self._parse_lines([*block.split("\n"), ""], events)
+                    id_buffer = self._id_buffer
+                    continue
+                data = data.replace("\ndata: ", "\n")
+            id_buffer = new_id
             event = _new_event()
             event.data = data
-            event.event = event_type or "message"
+            event.event = event_type
             event.id = id_buffer
             event.retry = None
             event.__class__ = _ServerSentEvent
