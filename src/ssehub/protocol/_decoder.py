@@ -303,11 +303,22 @@ class Decoder:
             return
         id_buffer = self._id_buffer
         match = _COMMON_BLOCK.match
+        append = events.append
         for block in text.split("\n\n"):
             # The blocks servers send most are parsed at once, with str methods and one
             # regex, to the result the line parser would give; any other goes to it.
             if block[:6] == "data: ":
                 data = block[6:]
+                if "\n" not in data:
+                    # The commonest of all, one data line: built right here.
+                    event = _new_event()
+                    event.data = data
+                    event.event = "message"
+                    event.id = id_buffer
+                    event.retry = None
+                    event.__class__ = _ServerSentEvent
+                    append(event)
+                    continue
                 event_type = "message"
                 new_id = id_buffer
             elif not block:
@@ -344,7 +355,7 @@ class Decoder:
             event.id = id_buffer
             event.retry = None
             event.__class__ = _ServerSentEvent
-            events.append(event)
+            append(event)
         self._id_buffer = id_buffer
         self.last_event_id = id_buffer
 
