@@ -124,7 +124,10 @@ class Decoder:
         self._id_buffer = self.last_event_id
 
     def feed(self, data: bytes) -> list[ServerSentEvent]:
-        """Parse the next bytes of the stream; return the events they complete."""
+        """Parse the next bytes of the stream; return the events they complete.
+
+        Raises EventTooLarge when an event or a line outgrows `max_event_size`.
+        """
         text = self._utf8.decode(data)
         if not text:
             return []
