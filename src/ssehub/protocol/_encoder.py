@@ -14,13 +14,12 @@ from ssehub.protocol._events import ServerSentEvent
 
 # A line ends with CRLF, LF or CR (stream grammar: `end-of-line`).
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
-_FORBIDDEN_IN_FIELD = re.compile(r"[\r\n\0]")
 
 
 def encode_data(data: str) -> bytes:
     """Fast path for the common event: type `message`, no id, no retry."""
     if "\n" in data or "\r" in data:
-        return encode(ServerSentEvent(data=data))
+        return _data_lines(data).encode()
     return b"data: " + data.encode() + b"\n\n"
 
 
@@ -28,30 +27,33 @@ def encode(event: ServerSentEvent) -> bytes:
     """The wire form of `event`, ending with the blank line that dispatches it.
 
     Raises ValueError when `event.event` or `event.id` holds CR, LF or NUL: the line would
-    end early and the rest would be read as other fields.
+    end early and the rest would be read as other fields (and 9.2.6 ignores an id with
+    NUL). Raises ValueError for a negative `retry`.
     """
-    parts: list[str] = []
+    data = event.data
+    body = _data_lines(data) if "\n" in data or "\r" in data else "data: " + data + "\n\n"
+    head = ""
+    event_type = event.event
     # An empty type reads back as "message" too (9.2.6, dispatch step 6): write neither.
-    if event.event and event.event != "message":
-        if _FORBIDDEN_IN_FIELD.search(event.event):
-            raise ValueError(f"event type must not contain CR, LF or NUL: {event.event!r}")
-        parts.append(f"event: {event.event}\n")
+    if event_type and event_type != "message":
+        if "\r" in event_type or "\n" in event_type or "\0" in event_type:
+            raise ValueError(f"event type must not contain CR, LF or NUL: {event_type!r}")
+        head = "event: " + event_type + "\n"
     if event.id is not None:
-        if _FORBIDDEN_IN_FIELD.search(event.id):
-            raise ValueError(f"event id must not contain CR, LF or NUL: {event.id!r}")
-        parts.append(f"id: {event.id}\n")
+        event_id = event.id
+        if "\r" in event_id or "\n" in event_id or "\0" in event_id:
+            raise ValueError(f"event id must not contain CR, LF or NUL: {event_id!r}")
+        head += "id: " + event_id + "\n"
     if event.retry is not None:
         if event.retry < 0:
             raise ValueError(f"retry must be a non-negative integer: {event.retry!r}")
-        parts.append(f"retry: {int(event.retry)}\n")
-    data = event.data
-    if "\n" in data or "\r" in data:
-        # Each line becomes one `data:` field; the decoder joins them with LF.
-        parts.extend(f"data: {line}\n" for line in _LINE_BREAK.split(data))
-    else:
-        parts.append(f"data: {data}\n")
-    parts.append("\n")
-    return "".join(parts).encode()
+        head += f"retry: {int(event.retry)}\n"
+    return (head + body).encode() if head else body.encode()
+
+
+def _data_lines(data: str) -> str:
+    # Each line becomes one `data:` field; the decoder joins them with LF.
+    return "data: " + "\ndata: ".join(_LINE_BREAK.split(data)) + "\n\n"
 
 
 def encode_comment(text: str = "") -> bytes:
