@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import time
 
 import pytest
@@ -188,3 +190,18 @@ def test_retry_with_more_digits_than_python_converts_is_ignored() -> None:
     decoder.feed(b"retry: 10\n")
     decoder.feed(b"retry: " + b"9" * 10_000 + b"\n")
     assert decoder.retry == 10
+
+
+def test_decoded_events_are_ordinary_frozen_events() -> None:
+    # The decoder builds events without __init__ (for speed); they must be the real thing.
+    (event,) = Decoder().feed(b"event: e\nid: 1\ndata: x\n\n")
+    (slow,) = Decoder().feed(b"event: e\nid: 1\ndata: x\ndata: y\n:\n\n")
+    for decoded in (event, slow):
+        assert type(decoded) is ServerSentEvent
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            decoded.data = "changed"  # type: ignore[misc]
+        assert dataclasses.replace(decoded, retry=5).retry == 5
+        assert pickle.loads(pickle.dumps(decoded)) == decoded
+    assert event == ServerSentEvent("x", "e", "1", None)
+    assert hash(event) == hash(ServerSentEvent("x", "e", "1", None))
+    assert slow == ServerSentEvent("x\ny", "e", "1", None)
