@@ -205,3 +205,16 @@ def test_decoded_events_are_ordinary_frozen_events() -> None:
     assert event == ServerSentEvent("x", "e", "1", None)
     assert hash(event) == hash(ServerSentEvent("x", "e", "1", None))
     assert slow == ServerSentEvent("x\ny", "e", "1", None)
+
+
+@pytest.mark.parametrize("size", [1, 5, 1000])
+def test_last_event_id_matches_the_events_delivered_before_an_overflow(size: int) -> None:
+    decoder = Decoder(max_event_size=100)
+    raw = b"id: 1\ndata: a\n\nid: 2\ndata: b\n\nid: 3\ndata: " + b"x" * 300 + b"\n\n"
+    delivered: list[ServerSentEvent] = []
+    with pytest.raises(EventTooLarge) as caught:  # noqa: PT012
+        for i in range(0, len(raw), size):
+            delivered += decoder.feed(raw[i : i + size])
+    delivered += caught.value.events
+    assert delivered == [ServerSentEvent("a", id="1"), ServerSentEvent("b", id="2")]
+    assert decoder.last_event_id == "2"

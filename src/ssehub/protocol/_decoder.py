@@ -226,7 +226,7 @@ class Decoder:
                 data.append(line[6:])
                 data_size += len(line) - 5
                 if data_size > limit:
-                    self._overflow(data_size, events)
+                    self._overflow(data_size, events, last_id)
             elif not line:
                 # 9.2.6: "If the line is empty (a blank line): Dispatch the event".
                 # Dispatch step 1: the last event ID string takes the buffer's value, even
@@ -275,7 +275,7 @@ class Decoder:
                     data.append(value)
                     data_size += len(value) + 1
                     if data_size > limit:
-                        self._overflow(data_size, events)
+                        self._overflow(data_size, events, last_id)
                 elif name == "event":
                     event_type = value
                 elif name == "id":
@@ -362,7 +362,14 @@ class Decoder:
         self._id_buffer = id_buffer
         self.last_event_id = id_buffer
 
-    def _overflow(self, size: int, events: list[ServerSentEvent]) -> NoReturn:
+    def _overflow(
+        self, size: int, events: list[ServerSentEvent], last_id: str | None = None
+    ) -> NoReturn:
+        # The events completed before the overflow reach the caller (`exc.events`): the
+        # last event ID string must match them, or a client resuming from it would get
+        # them again.
+        if last_id is not None:
+            self.last_event_id = last_id
         self._start_stream()
         raise EventTooLarge(size, self.max_event_size, events)
 
