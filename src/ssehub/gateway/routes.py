@@ -158,19 +158,21 @@ async def _open_relay(
     at all does not keep the client without a byte: its stream starts, with heartbeats,
     and a late error becomes an error event.
     """
-    assert gateway.upstream is not None
-    opening = asyncio.ensure_future(
-        gateway.upstream.open_stream(path, completion.body, authorization)
-    )
+    upstream = gateway.upstream
+    assert upstream is not None
+    # The request is written here; its answer is a future the upstream connection
+    # resolves when the response head comes, so that wakes this task directly.
+    head = await upstream.send_stream(path, completion.body, authorization)
     wait = gateway.settings.first_token_heartbeat
-    try:
-        await asyncio.wait({opening}, timeout=wait if wait > 0 else None)
-    except asyncio.CancelledError:
-        opening.cancel()
-        raise
-    if opening.done():
-        return relay_chunks(opening.result(), completion_id, tally)
-    return LateRelay(opening, completion_id, tally)
+    if not head.done():
+        try:
+            await asyncio.wait({head}, timeout=wait if wait > 0 else None)
+        except asyncio.CancelledError:
+            head.cancel()
+            raise
+    if head.done():
+        return relay_chunks(await upstream.checked(head), completion_id, tally)
+    return LateRelay(upstream, head, completion_id, tally)
 
 
 async def chat_completions(request: Request) -> Response:

@@ -163,7 +163,10 @@ class Runs:
             ),
             ("message", DONE),
         ]
-        async with self._broker.lease(run_stream(run.id), lost=lost):
+        # A stop request from another node (`request_stop`) cancels it as a local one does.
+        async with self._broker.lease(
+            run_stream(run.id), lost=lost, on_stop=lambda: self._stop(run, "request")
+        ):
             await self._generate(run, source)
 
     async def _generate(self, run: Run, source: AsyncIterator[list[str]]) -> None:
@@ -207,7 +210,9 @@ class Runs:
         # Close the source first (for a relay: the upstream connection), then end the log.
         await _aclose(source)
         try:
-            await self._broker.append(stream, [("message", data) for data in final])
+            # The run's retention, not the broker's default: that would trim a long log
+            # under a reader still behind.
+            await self._broker.append(stream, [("message", data) for data in final], RUN_RETENTION)
         except BrokerError:
             log.warning("completion %s: could not write its end", run.id, exc_info=True)
         try:
@@ -289,16 +294,48 @@ class Runs:
         if run.readers == 0 and run.outcome is None:
             self._set_detached(run, True)
 
-    async def cancel(self, completion_id: str) -> bool:
-        """Stop a run of this process and wait until its log is closed.
+    async def cancel(self, completion_id: str, wait: float = 10.0) -> bool:
+        """Stop a run, here or in another process sharing the broker, and wait (up to
+        `wait` seconds for another process's) until its log is closed.
 
-        False when it is not running here (unknown, finished, or on another node).
+        False when no process is generating it (unknown, finished, or its producer is
+        gone), or when another process's run did not end in time.
         """
         run = self._runs.get(completion_id)
-        if run is None or not self._stop(run, "request"):
+        if run is not None:
+            if not self._stop(run, "request"):
+                return False
+            await run.ended.wait()
+            return True
+        # Another node's: its producer hears the request through the broker, stops as for
+        # a local cancel (the upstream request is closed there) and ends the log, which
+        # every reader on every node then gets.
+        stream = run_stream(completion_id)
+        try:
+            if not await self._broker.request_stop(stream):
+                return False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    return await self._closed(stream)
+        except BrokerError:
+            log.warning("completion %s: could not ask for its stop", completion_id, exc_info=True)
+        return False
+
+    async def _closed(self, stream: str) -> bool:
+        """Wait until `stream` is closed (True), or gone (False)."""
+        info = await self._broker.info(stream)
+        if info is None:
             return False
-        await run.ended.wait()
-        return True
+        if info.closed:
+            return True
+        tail = self._broker.tail(stream, info.last_id)
+        try:
+            async for batch in tail:
+                if batch.closed:
+                    return True
+        finally:
+            await _aclose(tail)
+        return False
 
     async def read(
         self, completion_id: str, after: str | None, shutdown: asyncio.Event | None = None

@@ -14,9 +14,9 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import httpx
 import orjson
 
+from ssehub.gateway import http1
 from ssehub.gateway.chunks import Tally
 from ssehub.gateway.schema import GatewayError, error_body
 from ssehub.protocol import Decoder, EventTooLarge, ServerSentEvent
@@ -72,8 +72,8 @@ def _upstream_error(status: int, content: bytes, reason: str) -> GatewayError:
     return GatewayError(status, message, type="upstream_error", code=status)
 
 
-def _transport_error(exc: httpx.HTTPError, url: str) -> GatewayError:
-    if isinstance(exc, httpx.TimeoutException):
+def _transport_error(exc: http1.HTTPError, url: str) -> GatewayError:
+    if isinstance(exc, http1.Timeout):
         return GatewayError(504, f"upstream timed out: {url}", type="upstream_error", code=504)
     return GatewayError(
         502, f"cannot reach the upstream {url}: {exc!r}", type="upstream_error", code=502
@@ -106,14 +106,15 @@ def _data_of(events: list[ServerSentEvent]) -> list[str]:
 class UpstreamStream:
     """An upstream response that answered 200 with an event stream."""
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: http1.Response) -> None:
         self._response = response
 
     async def data(self) -> AsyncGenerator[list[str], None]:
         """The `data` of each message event, in batches of one network read each."""
         decoder = Decoder()
+        receive = self._response.receive
         try:
-            async for raw in self._response.aiter_bytes():
+            while raw := await receive():
                 try:
                     events = decoder.feed(raw)
                 except EventTooLarge as exc:
@@ -127,7 +128,7 @@ class UpstreamStream:
             rest = decoder.close()
             if rest:
                 yield _data_of(rest)
-        except httpx.HTTPError as exc:
+        except http1.HTTPError as exc:
             raise StreamFailure(
                 error_body(f"the upstream stream broke: {exc!r}", "upstream_error")
             ) from exc
@@ -215,14 +216,20 @@ class LateRelay:
     """
 
     def __init__(
-        self, opening: asyncio.Future[UpstreamStream], completion_id: str, tally: Tally
+        self,
+        upstream: Upstream,
+        head: asyncio.Future[http1.Response],
+        completion_id: str,
+        tally: Tally,
     ) -> None:
-        self._opening = opening
-        self._batches = self._relay(completion_id, tally)
+        self._head = head
+        self._batches = self._relay(upstream, completion_id, tally)
 
-    async def _relay(self, completion_id: str, tally: Tally) -> AsyncGenerator[list[str], None]:
+    async def _relay(
+        self, upstream: Upstream, completion_id: str, tally: Tally
+    ) -> AsyncGenerator[list[str], None]:
         try:
-            stream = await self._opening
+            stream = await upstream.checked(self._head)
         except GatewayError as error:
             raise StreamFailure(error.body()) from error
         async for batch in relay_chunks(stream, completion_id, tally):
@@ -236,41 +243,42 @@ class LateRelay:
 
     async def aclose(self) -> None:
         await self._batches.aclose()
-        if not self._opening.done():
-            self._opening.cancel()
-        elif not self._opening.cancelled() and self._opening.exception() is None:
-            await self._opening.result().aclose()
+        head = self._head
+        if not head.done():
+            head.cancel()  # closes the connection
+        elif not head.cancelled() and head.exception() is None:
+            head.result().close()  # a no-op when it was read to its end
 
 
 class Upstream:
     """An OpenAI-compatible API at `base_url` (the part before `/chat/completions`)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str | None = None,
-        *,
-        client: httpx.AsyncClient | None = None,
-    ) -> None:
+    def __init__(self, base_url: str, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
-        # Reads wait long: a reasoning model may think for minutes between tokens.
-        self._timeout = httpx.Timeout(connect=10.0, read=600.0, write=30.0, pool=10.0)
-        self._transport = httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        )
-        self._urls: dict[str, httpx.URL] = {}
-        self._client = client or httpx.AsyncClient(timeout=self._timeout, transport=self._transport)
+        self._pool = http1.Pool(http1.Timeouts(connect=10.0, read=600.0))
+        self._targets: dict[str, http1.Target] = {}
 
-    def _parsed_url(self, url: str) -> httpx.URL:
-        # Parsing a URL is a fifth of the cost of sending the request: once per path.
-        parsed = self._urls.get(url)
-        if parsed is None:
-            parsed = self._urls[url] = httpx.URL(url)
-        return parsed
+    def _target(self, url: str) -> http1.Target:
+        target = self._targets.get(url)
+        if target is None:
+            try:
+                target = self._targets[url] = http1.Target.parse(url)
+            except ValueError as exc:
+                raise GatewayError(
+                    502, f"bad upstream URL {url!r}: {exc}", type="upstream_error", code=502
+                ) from exc
+        return target
 
-    def _headers(self, authorization: str | None) -> dict[str, str]:
-        headers = {"accept": "text/event-stream, application/json"}
+    def _headers(self, authorization: str | None, json_body: bool = False) -> dict[str, str]:
+        headers = {
+            "accept": "text/event-stream, application/json",
+            # Bodies are relayed as they come: no compressed ones to undo.
+            "accept-encoding": "identity",
+            "user-agent": "ssehub-gateway",
+        }
+        if json_body:
+            headers["content-type"] = "application/json"
         if self.api_key:
             headers["authorization"] = f"Bearer {self.api_key}"
         elif authorization:
@@ -278,19 +286,27 @@ class Upstream:
             headers["authorization"] = authorization
         return headers
 
+    async def _request(
+        self, method: str, url: str, authorization: str | None, body: bytes = b""
+    ) -> http1.Response:
+        try:
+            return await self._pool.request(
+                method, self._target(url), self._headers(authorization, bool(body)), body
+            )
+        except http1.HTTPError as exc:
+            raise _transport_error(exc, url) from exc
+
     async def models(self, authorization: str | None = None) -> list[dict[str, Any]]:
         """The upstream's model list; raises `GatewayError` when it cannot be had."""
         url = f"{self.base_url}/models"
-        try:
-            response = await self._client.get(url, headers=self._headers(authorization))
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, url) from exc
+        response = await self._request("GET", url, authorization)
+        content = await _read(response, MAX_JSON_BODY, url)
         if response.status_code != 200:
             raise _upstream_error(
-                response.status_code, response.content[:MAX_ERROR_BODY], response.reason_phrase
+                response.status_code, content[:MAX_ERROR_BODY], response.reason_phrase
             )
         try:
-            data = orjson.loads(response.content).get("data")
+            data = orjson.loads(content).get("data")
         except (orjson.JSONDecodeError, AttributeError):
             data = None
         if not isinstance(data, list):
@@ -304,51 +320,45 @@ class Upstream:
     ) -> tuple[int, bytes]:
         """A non-streamed request: the upstream's status and JSON body, errors converted."""
         url = self.base_url + path
-        try:
-            async with self._client.stream(
-                "POST", url, content=orjson.dumps(body), headers=self._headers(authorization)
-            ) as response:
-                received = bytearray()
-                async for piece in response.aiter_bytes():
-                    received += piece
-                    if len(received) > MAX_JSON_BODY:
-                        raise GatewayError(
-                            502, "the upstream reply is too large", type="upstream_error"
-                        )
-                content = bytes(received)
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, url) from exc
+        response = await self._request("POST", url, authorization, orjson.dumps(body))
+        content = await _read(response, MAX_JSON_BODY + 1, url)
+        if len(content) > MAX_JSON_BODY:
+            raise GatewayError(502, "the upstream reply is too large", type="upstream_error")
         if response.status_code != 200:
             raise _upstream_error(
                 response.status_code, content[:MAX_ERROR_BODY], response.reason_phrase
             )
         return response.status_code, content
 
-    async def open_stream(
+    async def send_stream(
         self, path: str, body: dict[str, Any], authorization: str | None = None
-    ) -> UpstreamStream:
-        """Send a streamed request and wait for the response head.
+    ) -> asyncio.Future[http1.Response]:
+        """Send a streamed request; the future resolves to the response head.
 
-        Raises `GatewayError` with the upstream's status and error when it does not
-        answer 200 with an event stream: the client then gets an HTTP error, not a stream.
+        Returns once the request is written (raises `GatewayError` when the upstream
+        cannot be reached). Cancelling the future closes the connection.
         """
         url = self.base_url + path
-        request = httpx.Request(
-            "POST",
-            self._parsed_url(url),
-            content=orjson.dumps(body),
-            headers={**self._headers(authorization), "content-type": "application/json"},
-            extensions={"timeout": self._timeout.as_dict()},
-        )
         try:
-            # Straight to the transport (httpx's connection pool): the client layer adds
-            # auth flows, redirects and a cookie jar parse per response, none of which a
-            # relay wants, and costs more CPU than the relaying itself on the path to the
-            # first token.
-            response = await self._transport.handle_async_request(request)
-        except httpx.HTTPError as exc:
+            return await self._pool.send(
+                "POST", self._target(url), self._headers(authorization, True), orjson.dumps(body)
+            )
+        except http1.HTTPError as exc:
             raise _transport_error(exc, url) from exc
-        response.request = request
+
+    async def checked(self, head: asyncio.Future[http1.Response]) -> UpstreamStream:
+        """The stream of a response that answered 200 with an event stream.
+
+        Raises `GatewayError` with the upstream's status and error otherwise: the client
+        then gets an HTTP error, not a stream.
+        """
+        try:
+            response = await head
+        except http1.HTTPError as exc:
+            raise _transport_error(exc, self.base_url) from exc
+        except BaseException:
+            head.cancel()
+            raise
         try:
             content_type = response.headers.get("content-type", "")
             if response.status_code != 200:
@@ -365,22 +375,33 @@ class Upstream:
                     code=502,
                 )
         except BaseException:
-            await response.aclose()
+            response.close()
             raise
         return UpstreamStream(response)
 
+    async def open_stream(
+        self, path: str, body: dict[str, Any], authorization: str | None = None
+    ) -> UpstreamStream:
+        """Send a streamed request and wait for the response head (see `checked`)."""
+        return await self.checked(await self.send_stream(path, body, authorization))
+
     async def aclose(self) -> None:
-        await self._client.aclose()
-        await self._transport.aclose()
+        await self._pool.aclose()
 
 
-async def _read_some(response: httpx.Response) -> bytes:
-    content = b""
+async def _read(response: http1.Response, limit: int, url: str) -> bytes:
     try:
-        async for piece in response.aiter_bytes():
+        return await response.read(limit)
+    except http1.HTTPError as exc:
+        raise _transport_error(exc, url) from exc
+
+
+async def _read_some(response: http1.Response) -> bytes:
+    """Up to `MAX_ERROR_BODY` of an error body; what came before a failure is enough."""
+    content = bytearray()
+    try:
+        while len(content) < MAX_ERROR_BODY and (piece := await response.receive()):
             content += piece
-            if len(content) >= MAX_ERROR_BODY:
-                break
-    except httpx.HTTPError:
+    except http1.HTTPError:
         pass
-    return content[:MAX_ERROR_BODY]
+    return bytes(content[:MAX_ERROR_BODY])
