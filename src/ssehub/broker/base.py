@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from ssehub.protocol import ServerSentEvent, encode
@@ -112,6 +112,9 @@ class StreamInfo:
 class Broker(abc.ABC):
     """Named append-only logs. All methods are safe to call concurrently from one loop."""
 
+    # The `on_stop` of each lease held in this process, by stream (see `request_stop`).
+    _stoppers: dict[str, Callable[[], object]]
+
     @abc.abstractmethod
     async def append(
         self,
@@ -162,7 +165,11 @@ class Broker(abc.ABC):
 
     @contextlib.asynccontextmanager
     async def lease(
-        self, stream: str, ttl: float = 5.0, lost: Sequence[tuple[str, str]] | None = None
+        self,
+        stream: str,
+        ttl: float = 5.0,
+        lost: Sequence[tuple[str, str]] | None = None,
+        on_stop: Callable[[], object] | None = None,
     ) -> AsyncIterator[None]:
         """Hold `stream` as its only producer while inside this context.
 
@@ -172,15 +179,51 @@ class Broker(abc.ABC):
         every `ttl / 3` seconds and readers anywhere do the same once it lapses for `ttl`
         seconds: the producer's process died. In one process that cannot happen apart
         from the readers, so only the leaving is watched.
+
+        `on_stop` is called (in this process, maybe more than once) when anyone asks the
+        producer to stop with `request_stop`; the producer then ends the stream itself.
         """
         try:
-            yield
+            with self._stopper(stream, on_stop):
+                yield
         finally:
             info = await self.info(stream)
             if info is None or not info.closed:
                 with contextlib.suppress(StreamClosed):
                     await self.append(stream, lost or PRODUCER_LOST)
                 await self.close(stream)
+
+    @contextlib.contextmanager
+    def _stopper(self, stream: str, on_stop: Callable[[], object] | None) -> Iterator[None]:
+        """Keep `on_stop` as the stop handler of `stream` in this process meanwhile."""
+        if on_stop is None:
+            yield
+            return
+        stoppers: dict[str, Callable[[], object]] = self.__dict__.setdefault("_stoppers", {})
+        stoppers[stream] = on_stop
+        try:
+            yield
+        finally:
+            if stoppers.get(stream) is on_stop:
+                del stoppers[stream]
+
+    def _stop_here(self, stream: str) -> bool:
+        """Call the stop handler of `stream`'s lease when it is held in this process."""
+        on_stop = self.__dict__.get("_stoppers", {}).get(stream)
+        if on_stop is None:
+            return False
+        on_stop()
+        return True
+
+    async def request_stop(self, stream: str) -> bool:
+        """Ask the producer holding `stream`'s lease, in any process, to stop.
+
+        Returns True when a live lease holder was asked (its `on_stop` runs; it then ends
+        the stream as it sees fit), False when nobody holds the lease: the stream is
+        unknown, ended, or its producer is gone. It does not wait for the stream to end:
+        tail it for that. In one process (memory) only this process's leases exist.
+        """
+        return self._stop_here(stream)
 
     async def tailed_elsewhere(self, stream: str) -> bool:
         """Whether a process other than this one tails `stream`, a stream with a lease.

@@ -28,7 +28,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import cast
 
 import redis.asyncio as aioredis
@@ -151,10 +151,12 @@ return 1
 """
 
 # KEYS: stream, lease. ARGV: ttl ms, keep ms, the lost events as a JSON list of pairs.
-# Returns 0 when the stream is already closed: the holder lost it and should stop.
+# Returns 0 when the stream is already closed: the holder lost it and should stop;
+# 2 when someone asked the holder to stop (`_STOP`), else 1.
 _RENEW = f"""
 {_IS_CLOSED}
 if is_closed(KEYS[1]) then return 0 end
+local stop = redis.call('HGET', KEYS[2], 'stop')
 {_NOW_MS}
 local deadline = string.format('%d', now + tonumber(ARGV[1]))
 redis.call('HSET', KEYS[2], 'deadline', deadline, 'lost', ARGV[3])
@@ -162,6 +164,23 @@ local keep = tonumber(ARGV[1]) + tonumber(ARGV[2])
 redis.call('PEXPIRE', KEYS[2], keep)
 -- Should the holder die and nobody come to read, the stream still goes away.
 redis.call('PEXPIRE', KEYS[1], keep)
+if stop then return 2 end
+return 1
+"""
+
+# KEYS: stream, lease. ARGV: the stop channel, the stream's name.
+# Asks a live lease holder to stop: a flag its next renewal finds (never lost) and a
+# message its process's subscription gets at once (prompt). Returns 1 when there is a
+# live holder to ask, else 0 (no lease, lapsed, or the stream is closed).
+_STOP = f"""
+local deadline = redis.call('HGET', KEYS[2], 'deadline')
+if not deadline then return 0 end
+{_NOW_MS}
+if tonumber(deadline) < now then return 0 end
+{_IS_CLOSED}
+if is_closed(KEYS[1]) then return 0 end
+redis.call('HSET', KEYS[2], 'stop', '1')
+redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1
 """
 
@@ -368,6 +387,10 @@ class RedisBroker(Broker):
         self._read = self._redis.register_script(_READ)
         self._present = self._redis.register_script(_PRESENT)
         self._elsewhere = self._redis.register_script(_ELSEWHERE)
+        self._stop = self._redis.register_script(_STOP)
+        # Stop requests for leases held here come on this pub/sub channel (`_STOP`).
+        self._stop_channel = f"{prefix}stop"
+        self._stop_listener: asyncio.Task[None] | None = None
         self._process = uuid.uuid4().hex
         self._wake_key = f"{prefix}w:{self._process}"
         self._feeds: dict[str, _Feed] = {}
@@ -621,6 +644,9 @@ class RedisBroker(Broker):
 
     async def aclose(self) -> None:
         self._closing = True
+        if self._stop_listener is not None:
+            self._tasks.append(self._stop_listener)
+            self._stop_listener = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -639,13 +665,23 @@ class RedisBroker(Broker):
 
     @contextlib.asynccontextmanager
     async def lease(
-        self, stream: str, ttl: float = 5.0, lost: Sequence[tuple[str, str]] | None = None
+        self,
+        stream: str,
+        ttl: float = 5.0,
+        lost: Sequence[tuple[str, str]] | None = None,
+        on_stop: Callable[[], object] | None = None,
     ) -> AsyncIterator[None]:
         """Hold `stream` as its producer; see `Broker.lease`.
 
         The lease is renewed every `ttl / 3` seconds; readers anywhere end the stream with
-        `lost` once it has not been renewed for `ttl` seconds.
+        `lost` once it has not been renewed for `ttl` seconds. A stop request from any
+        node reaches `on_stop` through this process's subscription to the stop channel
+        at once, or at the next renewal should that message be missed.
         """
+        if on_stop is not None and self._stop_listener is None and not self._closing:
+            self._stop_listener = asyncio.create_task(
+                self._listen_for_stops(), name="ssehub-redis-stops"
+            )
         # Checked by the encoder here, so a reader never trips on them later.
         pairs = [[e.event, e.data] for e in (Entry.make(_ZERO, *p) for p in lost or PRODUCER_LOST)]
         keys = [self._stream_key(stream), self._lease_key(stream)]
@@ -661,9 +697,10 @@ class RedisBroker(Broker):
             # The producer goes on (its appends will tell it if Redis stays away); the
             # renewals below keep trying.
             log.warning("could not take the lease on %s: %s", keys[0], exc)
-        renewing = asyncio.create_task(self._renew_lease(keys, args, ttl / 3))
+        renewing = asyncio.create_task(self._renew_lease(stream, keys, args, ttl / 3))
         try:
-            yield
+            with self._stopper(stream, on_stop):
+                yield
         finally:
             renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -672,15 +709,66 @@ class RedisBroker(Broker):
             with contextlib.suppress(BrokerError), self._calling():
                 await self._reap(keys=keys, args=[int(self.closed_ttl * 1000), "1"])
 
-    async def _renew_lease(self, keys: list[str], args: list[str | int], every: float) -> None:
+    async def _renew_lease(
+        self, stream: str, keys: list[str], args: list[str | int], every: float
+    ) -> None:
         while True:
             await asyncio.sleep(every)
             try:
                 with self._calling():
-                    if not await self._renew(keys=keys, args=args):
-                        return  # closed, by us or by a reader that found the lease lapsed
+                    renewed = await self._renew(keys=keys, args=args)
             except BrokerError as exc:
                 log.warning("could not renew the lease on %s: %s", keys[0], exc)
+                continue
+            if not renewed:
+                return  # closed, by us or by a reader that found the lease lapsed
+            if renewed == 2:
+                self._stop_here(stream)  # a stop request whose message did not come
+
+    async def request_stop(self, stream: str) -> bool:
+        """Ask the lease holder of `stream`, on any node, to stop; see `Broker.request_stop`.
+
+        A flag in the lease plus a PUBLISH in one script: the holder's process hears the
+        message at once; the flag is what its next renewal (every `ttl / 3`) finds should
+        the message be lost with a broken subscription. Polling the flag alone would
+        answer a user's Stop seconds late; the message alone could be lost.
+        """
+        with self._calling():
+            asked = await self._stop(
+                keys=[self._stream_key(stream), self._lease_key(stream)],
+                args=[self._stop_channel, stream],
+            )
+        if asked:
+            self._stop_here(stream)  # held here: no need to wait for the message
+        return bool(asked)
+
+    async def _listen_for_stops(self) -> None:
+        """Hand stop requests for leases held here to their `on_stop` (see `_STOP`)."""
+        backoff = 0.05
+        task = asyncio.current_task()
+        assert task is not None
+        while not self._closing:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._stop_channel)
+                backoff = 0.05
+                while not self._closing:
+                    # redis-py's read timeout can swallow a cancel that lands with it.
+                    if task.cancelling():
+                        raise asyncio.CancelledError
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        self._stop_here(str(message["data"]))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Requests made meanwhile are found by the lease renewals.
+                log.debug("the stop subscription failed: %r", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     # -- the reader -------------------------------------------------------------------
 
