@@ -268,3 +268,68 @@ async def test_request_stop_reaches_the_lease_holder(broker: Broker) -> None:
         await broker.close("held")
     assert not await broker.request_stop("held")  # ended: nobody to ask
     assert not await broker.request_stop("never")
+
+
+async def test_cursor_older_than_the_first_entry_ever_is_a_gap(broker: Broker) -> None:
+    """Such a cursor is not one of this stream's ids: whatever followed it where it came
+    from is not here, so the reader is told (issue #3: never silently skips)."""
+    entries = await broker.append("s", [("message", "a"), ("message", "b")])
+    ms, _ = entries[0].key
+    batch = await broker.read("s", f"{ms - 1}-0")
+    assert batch.gap
+    assert [e.data for e in batch.entries] == ["a", "b"]
+    # At or after the first entry: an id of this stream, no gap.
+    batch = await broker.read("s", entries[0].id)
+    assert not batch.gap
+    assert [e.data for e in batch.entries] == ["b"]
+    # `0-0` is the start of every stream: everything retained, never a gap by itself.
+    batch = await broker.read("s", "0-0")
+    assert not batch.gap
+    assert [e.data for e in batch.entries] == ["a", "b"]
+
+
+async def test_cursor_of_an_earlier_stream_of_the_same_name_is_a_gap(broker: Broker) -> None:
+    (old,) = await broker.append("s", [("message", "old")])
+    await broker.close("s", expire_after=0.1)
+
+    async def gone() -> bool:
+        return await broker.info("s") is None
+
+    await until(gone)
+    await broker.append("s", [("message", "new")])
+    batch = await broker.read("s", old.id)
+    assert batch.gap
+    assert [e.data for e in batch.entries] == ["new"]
+    tail = broker.tail("s", old.id)
+    with anyio.fail_after(5):
+        first = await anext(tail)
+    assert first.gap
+    assert [e.data for e in first.entries] == ["new"]
+    await tail.aclose()  # type: ignore[attr-defined]
+
+
+async def test_cursor_on_a_stream_that_does_not_exist_is_a_gap(broker: Broker) -> None:
+    cursor = "1700000000000-0"
+    assert (await broker.read("nope", cursor)).gap
+    assert not (await broker.read("nope", "0-0")).gap
+    assert not (await broker.read("nope", None)).gap
+    # A tail is told at once, then gets the stream from its start when it comes.
+    tail = broker.tail("later", cursor)
+    with anyio.fail_after(5):
+        first = await anext(tail)
+        assert first.gap
+        assert list(first.entries) == []
+        await broker.append("later", [("message", "x")])
+        second = await anext(tail)
+    assert not second.gap
+    assert [e.data for e in second.entries] == ["x"]
+    await tail.aclose()  # type: ignore[attr-defined]
+    # A tail without a cursor (a live subscriber) is never told of a gap.
+    live = broker.tail("quiet", None)
+    waiter = asyncio.ensure_future(anext(live))
+    await broker.append("quiet", [("message", "y")])
+    with anyio.fail_after(5):
+        batch = await waiter
+    assert not batch.gap
+    assert [e.data for e in batch.entries] == ["y"]
+    await live.aclose()  # type: ignore[attr-defined]

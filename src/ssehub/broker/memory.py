@@ -38,6 +38,7 @@ class _Log:
         "closed",
         "entries",
         "expiry",
+        "first_key",
         "head",
         "last_key",
         "tails",
@@ -48,6 +49,9 @@ class _Log:
         self.entries: list[Entry] = []
         self.head = 0  # entries[:head] are trimmed
         self.last_key: tuple[int, int] | None = None
+        # The first id this stream ever had (trimming does not change it): a cursor older
+        # than it is not one of this stream's, e.g. from an earlier stream of that name.
+        self.first_key: tuple[int, int] | None = None
         # The newest id dropped by trimming: a cursor older than it missed something.
         self.trimmed_key: tuple[int, int] | None = None
         self.closed = False
@@ -106,6 +110,11 @@ class _Log:
             # An id from before this broker existed (an earlier process): what followed
             # it there is gone. `0-0` is the explicit "from the start", never a gap.
             return None, True
+        if key != (0, 0) and (self.first_key is None or key < self.first_key):
+            # Not an id this stream ever had: older than its first (an earlier stream of
+            # that name, expired and begun again), or given before it had any. What
+            # followed the cursor where it came from is not here: the reader is told.
+            return None, True
         if self.last_key is not None and key > self.last_key:
             return None, True  # from the future: not an id of this stream
         if self.trimmed_key is not None and key < self.trimmed_key:
@@ -162,6 +171,8 @@ class MemoryBroker(Broker):
         if not new:
             return new
         log.entries.extend(new)
+        if log.first_key is None:
+            log.first_key = new[0].key
         log.last_key = new[-1].key
         log.trim(retention or self.retention, now)
         log.wake()

@@ -114,15 +114,18 @@ return ids
 
 # KEYS: stream. ARGV: max_age ms ('' = none), cursor ('' = from the oldest), count.
 # Trims by age first (as appends do), so an idle stream does not replay stale entries.
-# Returns nil for no stream, else {last generated id, max deleted id, items}.
+# Returns nil for no stream, else {last generated id, max deleted id, items, first id}.
+# With nothing ever deleted, the first entry is the first the stream ever had.
 _READ = f"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 {_IS_CLOSED}
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
 local last, deleted
+local first = ''
 for i = 1, #info, 2 do
   if info[i] == 'last-generated-id' then last = info[i + 1] end
   if info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
+  if info[i] == 'first-entry' and info[i + 1] then first = info[i + 1][1] end
 end
 if ARGV[1] ~= '' and not is_closed(KEYS[1]) then
   {_NOW_MS}
@@ -138,7 +141,7 @@ if ARGV[1] ~= '' and not is_closed(KEYS[1]) then
 end
 local start = '-'
 if ARGV[2] ~= '' then start = '(' .. ARGV[2] end
-return {{last, deleted, redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', ARGV[3])}}
+return {{last, deleted, redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', ARGV[3]), first}}
 """
 
 # KEYS: stream, lease. ARGV: expire ms.
@@ -512,17 +515,25 @@ class RedisBroker(Broker):
                 args=["" if max_age is None else int(max_age * 1000), valid or "", limit + 1],
             )
         if reply is None:
-            return Batch((), gap=malformed), valid or _ZERO
-        last_id, deleted_id, raw = reply
+            # No such stream (yet): a cursor other than the start's is not one of its ids
+            # (from an earlier stream of that name, or a Redis that lost it), so the
+            # reader is told, then reads the stream from its start once it is there.
+            return Batch((), gap=malformed or cursor not in (None, (0, 0))), _ZERO
+        last_id, deleted_id, raw, first_id = reply
         # Lua hands back an entry's fields as a flat list.
         items: _Items = [(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in raw]
         gap = malformed
         if cursor is not None:
             last = parse_id(last_id) or (0, 0)
             deleted = parse_id(deleted_id) or (0, 0)
-            # As MemoryBroker: a cursor past the newest id is not of this stream, and one
-            # older than the newest trimmed id missed what was trimmed.
-            if cursor > last or cursor < deleted:
+            # As MemoryBroker: a cursor past the newest id is not of this stream, one
+            # older than the newest trimmed id missed what was trimmed, and one older
+            # than the first id the stream ever had (the first entry when nothing was
+            # ever trimmed, else older than the trimmed: caught by that) is not of this
+            # stream either. `0-0` is the start: never unknown.
+            first = parse_id(first_id) if first_id else None
+            unknown = cursor != (0, 0) and deleted == (0, 0) and (first is None or cursor < first)
+            if cursor > last or cursor < deleted or unknown:
                 gap = True
                 with self._calling():
                     items = cast(
