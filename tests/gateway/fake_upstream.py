@@ -267,6 +267,20 @@ class FakeUpstream:
                 i += 1
                 await asyncio.wait({watcher}, timeout=self.slow_interval)
             return
+        if model.startswith("fake-flood-"):
+            # N chunks of about 1 KB as fast as the gateway takes them, then [DONE].
+            count = int(model.removeprefix("fake-flood-"))
+            pad = "x" * 1000
+            for start in range(0, count, 100):
+                batch = [
+                    b"data: "
+                    + json.dumps(chunk(model, [delta({"content": f"{i} {pad}"})])).encode()
+                    for i in range(start, min(start + 100, count))
+                ]
+                await write(b"\n\n".join(batch) + b"\n\n")
+                seen.chunks_sent += len(batch)
+            await write(b"data: [DONE]\n\n", more=False)
+            return
         if path.endswith("/completions") and not path.endswith("/chat/completions"):
             events = [json.dumps(c, ensure_ascii=False) for c in text_completion_stream(model)]
             events.append("[DONE]")

@@ -11,13 +11,14 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from ssehub.broker import Broker
 from ssehub.gateway.chunks import ChunkFactory, Tally, model_object, new_completion_id
 from ssehub.gateway.demo import DEMO_MODEL, demo_chunks, demo_completion
 from ssehub.gateway.metrics import GatewayMetrics
+from ssehub.gateway.response import RunResponse
 from ssehub.gateway.runs import Runs, run_stream
 from ssehub.gateway.schema import CompletionRequest, GatewayError, Kind, parse_request
 from ssehub.gateway.upstream import LateRelay, Upstream, relay_chunks
@@ -81,9 +82,12 @@ def error_response(error: GatewayError) -> Response:
     return json_response(error.body(), error.status)
 
 
-def event_stream(body: AsyncIterator[bytes], completion_id: str, kind: Kind) -> Response:
+def event_stream(
+    gateway: Gateway, body: AsyncIterator[bytes], completion_id: str, kind: Kind
+) -> Response:
     base = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
     headers = {
+        "content-type": "text/event-stream; charset=utf-8",
         **_STREAM_HEADERS,
         "ssehub-completion-id": completion_id,
         # RFC 9110 8.7: the resource this stream is a representation of. A client whose
@@ -91,7 +95,7 @@ def event_stream(body: AsyncIterator[bytes], completion_id: str, kind: Kind) -> 
         # starting a second completion (ssehub.client does).
         "content-location": f"{base}/{completion_id}/stream",
     }
-    return StreamingResponse(body, media_type="text/event-stream; charset=utf-8", headers=headers)
+    return RunResponse(body, headers, gateway.settings.send_timeout)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -139,7 +143,7 @@ async def _complete(request: Request, kind: Kind) -> Response:
         return error_response(error)
     gateway.runs.start(completion_id, backend, source, tally)
     return event_stream(
-        gateway.runs.read(completion_id, None, _shutdown(request)), completion_id, kind
+        gateway, gateway.runs.read(completion_id, None, _shutdown(request)), completion_id, kind
     )
 
 
@@ -225,7 +229,10 @@ async def resume(request: Request) -> Response:
     cursor = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     kind: Kind = "text" if completion_id.startswith("cmpl-") else "chat"
     return event_stream(
-        gateway.runs.read(completion_id, cursor or None, _shutdown(request)), completion_id, kind
+        gateway,
+        gateway.runs.read(completion_id, cursor or None, _shutdown(request)),
+        completion_id,
+        kind,
     )
 
 

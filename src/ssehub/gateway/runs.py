@@ -38,6 +38,8 @@ DONE = "[DONE]"
 # a client resuming from the start must get the whole reply. The length bound is a
 # safety net against a runaway upstream, far above any real completion.
 RUN_RETENTION = Retention(max_len=1_000_000, max_age=None)
+# Bytes of a reader's backlog written at once (see `Runs.read`).
+WRITE_SIZE = 262_144
 
 # Why a run was stopped, as written in its error event and counted in metrics.
 _STOP_MESSAGES = {
@@ -390,7 +392,16 @@ class Runs:
                     first = batch.entries[0].id if batch.entries else None
                     gap = {"last_event_id": after, "oldest_id": first}
                     parts.append(encode(ServerSentEvent(orjson.dumps(gap).decode(), "ssehub.gap")))
-                parts.extend(entry.wire for entry in batch.entries)
+                size = sum(map(len, parts))
+                for entry in batch.entries:
+                    parts.append(entry.wire)
+                    size += len(entry.wire)
+                    if size >= WRITE_SIZE:
+                        # A backlog goes out in pieces: each write waits for the client
+                        # to take the one before (flow control, the send timeout), so a
+                        # client that stopped reading does not get the whole log buffered.
+                        yield b"".join(parts)
+                        parts, size = [], 0
                 if parts:
                     yield b"".join(parts)
                 if batch.closed:
