@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 
 from ssehub.protocol import Decoder, ServerSentEvent
 from ssehub.server import Hub, create_app
+from ssehub.server.connection import HubHttpProtocol
 from ssehub.settings import Settings
 
 from _support import serve_in_thread, wait_for
@@ -24,7 +25,7 @@ class Server:
     url: str
     app: Starlette
     client: httpx.Client
-    http: str = "auto"
+    http: str = "hub"
 
     @property
     def hub(self) -> Hub:
@@ -49,14 +50,16 @@ class Server:
 
 @contextlib.contextmanager
 def running(
-    settings: Settings | None = None, *, http: str = "auto", **changes: Any
+    settings: Settings | None = None, *, http: str = "hub", **changes: Any
 ) -> Iterator[Server]:
-    """`create_app` served by uvicorn; `http="h11"` for the plain ASGI write path (the
-    default, httptools, lets the pump write to the transport itself)."""
+    """`create_app` served by uvicorn. `http`: "hub" (the default, as `ssehub serve`:
+    subscriptions leave ASGI, see server/connection.py), "httptools" (ASGI, the pump
+    writes to the transport itself) or "h11" (ASGI `send` only)."""
     settings = (settings or Settings()).replace(**changes)
     app = create_app(settings)
+    protocol: Any = HubHttpProtocol if http == "hub" else http
     with (
-        serve_in_thread(app, timeout_graceful_shutdown=2, http=http) as url,
+        serve_in_thread(app, timeout_graceful_shutdown=2, http=protocol) as url,
         httpx.Client(base_url=url, timeout=10) as client,
     ):
         yield Server(url, app, client, http)

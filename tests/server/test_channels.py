@@ -8,16 +8,19 @@ from typing import Any
 
 import httpx
 import pytest
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from server._sse import Server, Stream, running
 from ssehub.broker import parse_id
+from ssehub.server.connection import Subscription
 
 from _support import wait_for
 
 
-@pytest.fixture(params=["httptools", "h11"])
+@pytest.fixture(params=["hub", "httptools", "h11"])
 def server(request: pytest.FixtureRequest) -> Server:  # type: ignore[misc]
-    """Both write paths: straight to uvicorn's transport (httptools), ASGI `send` (h11)."""
+    """Every path: no ASGI (hub, as `ssehub serve`), ASGI with writes straight to
+    uvicorn's transport (httptools), ASGI `send` only (h11)."""
     with running(http=request.param) as s:
         yield s
 
@@ -26,7 +29,8 @@ def test_the_write_path_in_use(server: Server) -> None:
     with Stream(server.client, "/channels/wp") as stream:
         server.wait_live(1)
         (sub,) = server.hub._subscribers.values()
-        assert (sub.cycle is not None) == (server.http == "httptools")
+        kind = {"hub": Subscription, "httptools": RequestResponseCycle, "h11": type(None)}
+        assert type(sub.cycle) is kind[server.http]
         server.publish("wp", "x")
         assert stream.events_n(1)[0].data == "x"
 

@@ -27,7 +27,7 @@ def drain_until_closed(sock: socket.socket, limit: float = 15.0) -> int:
     return total
 
 
-@pytest.mark.parametrize("http", ["httptools", "h11"])
+@pytest.mark.parametrize("http", ["hub", "httptools", "h11"])
 def test_a_stalled_client_is_dropped_and_blocks_nobody(http: str) -> None:
     with running(max_pending=64 * 1024, send_timeout=60, http=http) as server:
         sock = stalled_subscriber(server.url, "/channels/s")
@@ -57,7 +57,7 @@ def test_a_stalled_client_is_dropped_and_blocks_nobody(http: str) -> None:
         assert stats["slow_consumer_disconnects"] == 1
 
 
-@pytest.mark.parametrize("http", ["httptools", "h11"])
+@pytest.mark.parametrize("http", ["hub", "httptools", "h11"])
 def test_a_write_waiting_too_long_times_out(http: str) -> None:
     with running(max_pending=1 << 30, send_timeout=0.5, http=http) as server:
         sock = stalled_subscriber(server.url, "/channels/t")

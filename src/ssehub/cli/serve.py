@@ -79,6 +79,7 @@ def serve(**options: Any) -> None:
     import uvicorn
 
     from ssehub.server.app import create_app
+    from ssehub.server.connection import HubHttpProtocol
 
     try:
         # Built here even for workers: a bad setting (a Redis URL that is not one, say)
@@ -92,7 +93,8 @@ def serve(**options: Any) -> None:
         "port": settings.port,
         "log_level": settings.log_level,
         "loop": "auto",
-        "http": "auto",
+        # httptools, with subscriptions served outside ASGI (less memory per connection).
+        "http": HubHttpProtocol,
         "timeout_graceful_shutdown": settings.shutdown_grace,
         # Streams are long-lived: never let uvicorn cut them for being idle between events.
         "timeout_keep_alive": 5,

@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from ssehub.broker import BrokerUnavailable, StreamClosed, parse_id
+from ssehub.server.fanout import Subscriber
 from ssehub.server.hub import CHANNEL_NAME, Hub, InvalidEvent
 
 logger = logging.getLogger("ssehub.server")
@@ -95,6 +96,22 @@ def parse_events(body: bytes, content_type: str) -> list[Any]:
     raise RequestError(400, 'JSON body must be an object {"data": ..., "event": ...} or a list')
 
 
+def error_response(exc: RequestError | BrokerUnavailable) -> Response:
+    if isinstance(exc, RequestError):
+        return exc.response()
+    return JSONResponse({"error": "broker unavailable, retry later"}, 503)
+
+
+async def join(hub: Hub, sub: Subscriber, cursor: str | None, from_oldest: bool) -> None:
+    """`hub.attach` for a subscription whose response head is out."""
+    try:
+        await hub.attach(sub, cursor, from_oldest)
+    except BrokerUnavailable:
+        # Headers are out: end the stream; the client reconnects and resumes.
+        logger.warning("broker unavailable while subscriber %s joined", sub.id)
+        hub.drop(sub, "broker unavailable")
+
+
 class ChannelEndpoint:
     """The ASGI app behind `/channels/{name:path}`."""
 
@@ -130,10 +147,8 @@ class ChannelEndpoint:
                     status_code=405,
                     headers={"allow": "GET, POST, DELETE"},
                 )
-        except RequestError as exc:
-            response = exc.response()
-        except BrokerUnavailable:
-            response = JSONResponse({"error": "broker unavailable, retry later"}, 503)
+        except (RequestError, BrokerUnavailable) as exc:
+            response = error_response(exc)
         await response(scope, receive, send)
 
     async def publish(self, name: str, headers: Headers, receive: Receive) -> Response:
@@ -148,7 +163,9 @@ class ChannelEndpoint:
         return JSONResponse({"channel": name, "ids": ids})
 
     async def subscribe(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
-        start = await self._opening(name, scope)
+        start = await self.opening(
+            name, Headers(scope=scope), QueryParams(scope.get("query_string", b""))
+        )
         if start is None:
             # 204 tells an EventSource to stop reconnecting (WHATWG HTML 9.2.3).
             await Response(status_code=204)(scope, receive, send)
@@ -165,12 +182,7 @@ class ChannelEndpoint:
         # This frame lives as long as the connection: keep its locals few.
         del start, client, peer, user_agent, scope
         try:
-            try:
-                await hub.attach(sub, cursor, from_oldest)
-            except BrokerUnavailable:
-                # Headers are out: end the stream; the client reconnects and resumes.
-                logger.warning("broker unavailable while subscriber %s joined", sub.id)
-                hub.drop(sub, "broker unavailable")
+            await join(hub, sub, cursor, from_oldest)
             del cursor
             # The pump writes; this task only learns when the client leaves or the
             # response was completed (uvicorn then answers `http.disconnect`).
@@ -187,10 +199,12 @@ class ChannelEndpoint:
         finally:
             hub.detach(sub)
 
-    async def _opening(self, name: str, scope: Scope) -> tuple[str | None, bool, str] | None:
-        """(cursor, from oldest, user agent) for a subscription; None: answer 204."""
-        headers = Headers(scope=scope)
-        query = QueryParams(scope.get("query_string", b""))
+    async def opening(
+        self, name: str, headers: Headers, query: QueryParams
+    ) -> tuple[str | None, bool, str] | None:
+        """(cursor, from oldest, user agent) for a subscription; None: answer 204.
+
+        Raises `RequestError` or `BrokerUnavailable` (see `error_response`)."""
         # The header wins: a browser reconnecting sends it, with the original URL's query.
         cursor = headers.get("last-event-id") or query.get("last_event_id") or None
         start = query.get("from")

@@ -297,8 +297,13 @@ class Hub:
         send: Callable[[dict[str, Any]], Awaitable[None]],
         peer: str,
         user_agent: str,
+        cycle: Any | None = None,
     ) -> Subscriber:
-        """A subscriber writing with the ASGI `send` of a started response."""
+        """A subscriber writing with the ASGI `send` of a started response.
+
+        `cycle`: an object with `transport`, `flow.write_paused` and `disconnected` that
+        the pump may write body chunks to directly (see `fanout.uvicorn_cycle`); found
+        by itself behind uvicorn's httptools `send`."""
         return Subscriber(
             self,
             f"c{next(self._ids)}",
@@ -306,7 +311,7 @@ class Hub:
             as_coroutine_send(send),
             peer,
             user_agent,
-            uvicorn_cycle(send),
+            cycle if cycle is not None else uvicorn_cycle(send),
         )
 
     async def attach(self, sub: Subscriber, cursor: str | None, from_oldest: bool) -> None:
@@ -362,7 +367,8 @@ class Hub:
         self._subscribers.pop(sub.id, None)
         sub.done = True
         sub.ending = True
-        if sub.drainer is not None:
+        # Not the drainer detaching from inside its own final write (connection.py).
+        if sub.drainer is not None and sub.drainer is not asyncio.current_task():
             sub.drainer.cancel()
         pump = self._pumps.get(sub.channel)
         if (
