@@ -199,6 +199,9 @@ class Subscription(asyncio.Protocol):
             sub = self.sub = hub.new_subscriber(
                 name, self.send, request.peer, user_agent, cycle=self
             )
+            # Stuck writes are aborted at the transport (`Hub.drop`), never by cancelling
+            # this task, and a finished task kept by each subscriber costs ~600 bytes.
+            sub.task = None
             del start, request
             await join(hub, sub, cursor, from_oldest)
         finally:
