@@ -250,8 +250,9 @@ async def cancel(request: Request) -> Response:
                 )
             raise GatewayError(
                 409,
-                f"The completion '{completion_id}' runs in another server process; "
-                "cancel it there.",
+                f"No server process is generating the completion '{completion_id}' now "
+                "(it stopped, or did not answer in time); its stream ends with an error "
+                "event once its lease lapses.",
                 code="not_local",
             )
     except GatewayError as error:
