@@ -72,7 +72,8 @@ class HubHttpProtocol(HttpToolsProtocol):
     # The read being parsed ends with the first request head in it: a subscription in it
     # can be handed over with no bytes of a next request left in this parser.
     read_is_one_head = False
-    # Set once the transport belongs to a `Subscription` (the parser still calls back).
+    # Set once the transport belongs to a `Subscription` (the parser still calls
+    # `on_message_complete` for the request it just handed over).
     handed_to: Subscription | None = None
 
     def data_received(self, data: bytes) -> None:
