@@ -218,3 +218,46 @@ async def test_https(tmp_path: Path) -> None:
         assert body == again == b"secret"
         assert seen == [(1, 1), (1, 2)]  # one connection, kept alive
         await pool.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_kept_alive_connection_closed_unanswered_is_retried_once_on_a_new_one() -> None:
+    """The upstream's idle timeout fires as a request goes out: send again (RFC 9112 9.3.1)."""
+
+    async def answer_once_per_connection(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if handled.setdefault(id(writer), 0):
+            writer.transport.abort()  # the second request on this connection: no answer
+            raise ConnectionError
+        handled[id(writer)] = 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    handled: dict[int, int] = {}
+    async with raw_server(answer_once_per_connection) as (url, seen):
+        pool = http1.Pool()
+        try:
+            for _ in range(3):
+                response, body = await fetch(pool, url)
+                assert (response.status_code, body) == (200, b"ok")
+        finally:
+            await pool.aclose()
+    # Each reused connection died unanswered and the request went out again on a new one.
+    assert seen == [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1)]
+
+
+@pytest.mark.anyio
+async def test_a_new_connection_closed_unanswered_is_an_error_not_a_retry() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.abort()
+        raise ConnectionError
+
+    async with raw_server(hang_up) as (url, seen):
+        pool = http1.Pool()
+        try:
+            with pytest.raises(http1.ProtocolError, match="without a response"):
+                await fetch(pool, url)
+        finally:
+            await pool.aclose()
+    assert seen == [(1, 1)]

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
+import httpx
+
 # Bounds on what a server may send before its body: a head larger than this, or a chunk
 # size line longer than that, is not an HTTP server speaking to us.
 MAX_HEAD = 65_536
@@ -54,6 +56,10 @@ class Timeout(HTTPError):
 
 class ProtocolError(HTTPError):
     """The server broke HTTP/1.1: a bad head, bad chunked framing, or it closed early."""
+
+
+class NoResponse(ProtocolError):
+    """The connection ended before a single byte of the response came."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +229,7 @@ def _parse_head(conn: _Connection, pool: Pool, target: Target) -> Response | Non
             if len(conn.buffer) > MAX_HEAD:
                 raise ProtocolError("the upstream's response head is too large")
             if conn.eof:
-                raise ProtocolError(
+                raise (ProtocolError if conn.buffer else NoResponse)(
                     "the upstream closed the connection without a response"
                     + (f" ({conn.error})" if conn.error else "")
                 )
@@ -441,7 +447,9 @@ class Pool:
 
     def _ssl(self) -> ssl.SSLContext:
         if self._ssl_context is None:
-            context = ssl.create_default_context()
+            # httpx's verification (certifi's CA bundle, or SSL_CERT_FILE/SSL_CERT_DIR), as
+            # every other HTTPS client in ssehub uses.
+            context = httpx.create_ssl_context()
             context.set_alpn_protocols(["http/1.1"])
             self._ssl_context = context
         return self._ssl_context
@@ -453,12 +461,13 @@ class Pool:
         else:
             idle.append(conn)
 
-    async def _connect(self, target: Target) -> _Connection:
+    async def _connect(self, target: Target, reuse: bool = True) -> tuple[_Connection, bool]:
+        """A connection to `target`, and whether it is a kept-alive one being reused."""
         idle = self._idle.get(target.origin)
-        while idle:
+        while reuse and idle:
             conn = idle.pop()
             if conn.usable and not conn.buffer:
-                return conn
+                return conn, True
             conn.close()
         loop = asyncio.get_running_loop()
         conn = _Connection(loop)
@@ -479,7 +488,7 @@ class Pool:
         except (OSError, ssl.SSLError) as exc:
             conn.close()
             raise ConnectError(f"cannot connect to {target.host}:{target.port}: {exc}") from exc
-        return conn
+        return conn, False
 
     async def send(
         self,
@@ -494,7 +503,51 @@ class Pool:
         """
         if self._closed:
             raise HTTPError("the client is closed")
-        conn = await self._connect(target)
+        conn, reused = await self._connect(target)
+        head = self._write(conn, method, target, headers, body)
+        if not reused:
+            return head
+        # A kept-alive connection the upstream closed as the request went out (its idle
+        # timeout) is no answer: RFC 9112 9.3.1 lets a client send again on a new one.
+        outer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+
+        def settle(inner: asyncio.Future[Response]) -> None:
+            if outer.done():
+                return
+            if inner.cancelled():
+                outer.cancel()
+            elif isinstance(inner.exception(), NoResponse):
+                retry = asyncio.ensure_future(self._resend(method, target, headers, body))
+                outer.add_done_callback(lambda _: retry.cancel())
+                retry.add_done_callback(lambda task: _chain(task, outer))
+            elif (error := inner.exception()) is not None:
+                outer.set_exception(error)
+            else:
+                outer.set_result(inner.result())
+
+        head.add_done_callback(settle)
+        outer.add_done_callback(lambda _: head.cancel())
+        return outer
+
+    async def _resend(
+        self, method: str, target: Target, headers: Mapping[str, str], body: bytes
+    ) -> Response:
+        conn, _ = await self._connect(target, reuse=False)
+        head = self._write(conn, method, target, headers, body)
+        try:
+            return await head
+        except BaseException:
+            head.cancel()
+            raise
+
+    def _write(
+        self,
+        conn: _Connection,
+        method: str,
+        target: Target,
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> asyncio.Future[Response]:
         lines = [
             method.encode("ascii") + b" " + target.target + b" HTTP/1.1",
             b"host: " + target.host_header,
@@ -528,3 +581,17 @@ class Pool:
             for conn in idle:
                 conn.close()
         self._idle.clear()
+
+
+def _chain(task: asyncio.Future[Response], outer: asyncio.Future[Response]) -> None:
+    """Settle `outer` as `task` ended (unless `outer` was settled or cancelled first)."""
+    if outer.done():
+        if not task.cancelled() and task.exception() is None:
+            task.result().close()  # nobody will read it: free its connection
+        return
+    if task.cancelled():
+        outer.cancel()
+    elif (error := task.exception()) is not None:
+        outer.set_exception(error)
+    else:
+        outer.set_result(task.result())
