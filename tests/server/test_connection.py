@@ -183,3 +183,18 @@ def test_a_client_leaving_while_it_joins_is_forgotten(server: Server) -> None:
         raw.close()
     wait_for(lambda: not server.hub.connections(), 10, what="subscribers forgotten")
     wait_for(lambda: len(server.hub._tasks) <= 1, 10, what="join tasks and the pump to end")
+
+
+def test_serve_uses_the_protocol_only_on_a_tested_uvicorn(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import uvicorn
+
+    from ssehub.server import connection
+
+    tested = uvicorn.__version__.startswith(tuple(v + "." for v in connection.TESTED_UVICORN))
+    expected = connection.HubHttpProtocol if tested else "httptools"
+    assert connection.http_protocol() == expected
+    monkeypatch.setattr(uvicorn, "__version__", "9.99.0")
+    assert connection.http_protocol() == "httptools"
+    assert "not one ssehub's connection protocol was tested with" in caplog.text

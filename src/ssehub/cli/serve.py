@@ -79,7 +79,7 @@ def serve(**options: Any) -> None:
     import uvicorn
 
     from ssehub.server.app import create_app
-    from ssehub.server.connection import HubHttpProtocol
+    from ssehub.server.connection import http_protocol
 
     try:
         # Built here even for workers: a bad setting (a Redis URL that is not one, say)
@@ -94,7 +94,7 @@ def serve(**options: Any) -> None:
         "log_level": settings.log_level,
         "loop": "auto",
         # httptools, with subscriptions served outside ASGI (less memory per connection).
-        "http": HubHttpProtocol,
+        "http": http_protocol(),
         "timeout_graceful_shutdown": settings.shutdown_grace,
         # Streams are long-lived: never let uvicorn cut them for being idle between events.
         "timeout_keep_alive": 5,
