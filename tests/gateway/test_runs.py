@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -97,3 +98,21 @@ async def test_reader_keeps_a_run_alive_and_its_end_detaches() -> None:
     await reader.aclose()
     await asyncio.wait_for(run.ended.wait(), 5)
     assert run.outcome == "detached"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("cursor", [None, "1-0"])
+async def test_a_reader_of_a_log_that_expired_ends_with_an_error(cursor: str | None) -> None:
+    """The log expired between the resume route's check and the reader's tail."""
+    broker = MemoryBroker()
+    runs, _ = make_runs(broker)
+    stream = run_stream("gone")
+    await broker.append(stream, [("message", "{}"), ("message", "[DONE]")])
+    await broker.close(stream, expire_after=0)
+    with anyio.fail_after(5):
+        while await broker.info(stream) is not None:  # the expiry timer (0 s) runs
+            await asyncio.sleep(0)
+        wire = b"".join([part async for part in runs.read("gone", cursor)])
+    data = [line[6:] for line in wire.decode().splitlines() if line.startswith("data: ")]
+    assert json.loads(data[0])["error"]["code"] == "expired"
+    assert data[-1] == "[DONE]"

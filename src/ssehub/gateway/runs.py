@@ -353,11 +353,23 @@ class Runs:
         run = self._runs.get(completion_id)
         if run is not None:
             self.attach(run)
-        tail = self._broker.tail(run_stream(completion_id), after)
+        stream = run_stream(completion_id)
+        tail = self._broker.tail(stream, after)
         pending: asyncio.Future[Batch] | None = None
         cursor = after
         stopping = self._stopping(shutdown)
         try:
+            if run is None:
+                # The log may have expired after the caller saw it and before the tail
+                # began; a tail then waits for the stream to be made again, which a
+                # completion's never is. Asked once the tail has begun, `info` settles it.
+                pending = asyncio.ensure_future(anext(tail))
+                await asyncio.sleep(0)
+                if await self._broker.info(stream) is None:
+                    message = f"The completion '{completion_id}' has expired."
+                    for data in (_error(message, "invalid_request_error", "expired"), DONE):
+                        yield encode(ServerSentEvent(data))
+                    return
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(anext(tail))
