@@ -107,3 +107,17 @@ def serve_in_process(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A certificate for `localhost` (and its key) made with the openssl binary."""
+    openssl = require_binary("openssl", "apt-get install -y openssl")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key

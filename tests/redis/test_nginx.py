@@ -18,7 +18,14 @@ from sse_listener import Listener
 
 from redis_server import redis_server
 
-from _support import free_port, require_binary, serve_in_process, wait_for, wait_for_port
+from _support import (
+    free_port,
+    require_binary,
+    self_signed_cert,
+    serve_in_process,
+    wait_for,
+    wait_for_port,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -32,18 +39,6 @@ def documented_config() -> str:
     return match.group(1)
 
 
-def make_cert(directory: Path) -> tuple[Path, Path]:
-    openssl = require_binary("openssl", "apt-get install -y openssl")
-    cert, key = directory / "fullchain.pem", directory / "privkey.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
 @contextlib.contextmanager
 def nginx_in_front_of(nodes: list[int]) -> Iterator[tuple[str, str]]:
     """nginx with the documented config on free ports; yields (http URL, https URL)."""
@@ -53,7 +48,7 @@ def nginx_in_front_of(nodes: list[int]) -> Iterator[tuple[str, str]]:
         # nginx workers drop to an unprivileged user when started as root; let them in.
         prefix.chmod(0o755)
         http_port, https_port = free_port(), free_port()
-        cert, key = make_cert(prefix)
+        cert, key = self_signed_cert(prefix)
         site = documented_config()
         replacements = {
             "server 127.0.0.1:8001;": f"server 127.0.0.1:{nodes[0]};",
