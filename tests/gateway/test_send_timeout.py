@@ -14,6 +14,8 @@ from sse import chunks, iter_events
 
 from conftest import ServeGateway
 
+from _support import wait_for
+
 Upstream = tuple[str, FakeUpstream]
 COUNT = 20_000  # chunks of ~1 KB: far more than the socket buffers of a stalled client hold
 
@@ -39,6 +41,13 @@ def _stalled_client(url: str, body: dict[str, object]) -> tuple[socket.socket, s
     return sock, line.split(b":", 1)[1].strip().decode()
 
 
+def _send_timeouts(url: str) -> float:
+    metrics = httpx.get(url + "/metrics").text
+    name = "ssehub_gateway_send_timeouts_total"
+    (line,) = [m for m in metrics.splitlines() if m.startswith(name)]
+    return float(line.split()[-1])
+
+
 def test_a_client_that_stops_reading_is_dropped(
     serve_gateway: ServeGateway, fake_upstream: Upstream
 ) -> None:
@@ -56,8 +65,11 @@ def test_a_client_that_stops_reading_is_dropped(
             got = chunks(events)
             assert len(got) == COUNT
             assert got[-1]["choices"][0]["delta"]["content"].startswith(f"{COUNT - 1} ")
-            # The stalled client's connection was given up on: what it still finds in its
-            # buffers ends without the stream's end, and then the connection closes.
+            # The stalled client stays stalled until the server gives up on it (however
+            # fast the other reader was: the timeout counts one write's wait).
+            wait_for(lambda: _send_timeouts(url) >= 1, 60, 0.05, "the stalled client to be dropped")
+            # What it still finds in its buffers ends without the stream's end, and then
+            # the connection closes.
             received = bytearray()
             deadline = time.monotonic() + 60
             while piece := stalled.recv(65536):

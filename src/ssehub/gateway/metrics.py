@@ -47,6 +47,12 @@ class GatewayMetrics:
             "Completions generating now with no client reading them (in their grace time).",
             registry=registry,
         )
+        self.send_timeouts = Counter(
+            "ssehub_gateway_send_timeouts",
+            "Completion streams dropped because their client stopped reading for longer "
+            "than --send-timeout (the completion itself goes on).",
+            registry=registry,
+        )
         self.cancellations = Counter(
             "ssehub_gateway_cancellations",
             "Completions stopped before their end: reason `request` (the cancel endpoint), "

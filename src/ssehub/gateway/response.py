@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from starlette.responses import Response
@@ -27,9 +27,14 @@ class RunResponse(Response):
     """An event stream from `body` (wire bytes)."""
 
     def __init__(
-        self, body: AsyncIterator[bytes], headers: Mapping[str, str], send_timeout: float
+        self,
+        body: AsyncIterator[bytes],
+        headers: Mapping[str, str],
+        send_timeout: float,
+        on_timeout: Callable[[], object] | None = None,
     ) -> None:
         self.source = body
+        self.on_timeout = on_timeout
         self.status_code = 200
         self.background = None
         self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
@@ -77,4 +82,6 @@ class RunResponse(Response):
         if self.outcome == "pending":
             self.outcome = "timeout"
             log.info("dropping a completion stream: its client stopped reading")
+            if self.on_timeout is not None:
+                self.on_timeout()
             task.cancel()

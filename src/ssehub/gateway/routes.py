@@ -95,7 +95,9 @@ def event_stream(
         # starting a second completion (ssehub.client does).
         "content-location": f"{base}/{completion_id}/stream",
     }
-    return RunResponse(body, headers, gateway.settings.send_timeout)
+    return RunResponse(
+        body, headers, gateway.settings.send_timeout, gateway.metrics.send_timeouts.inc
+    )
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
