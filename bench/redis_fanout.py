@@ -105,7 +105,7 @@ def fanout(
         for pool in pools:
             pool.go(args.timeout)
         start = time.monotonic_ns()
-        _, failures = base.publish_all(publisher, channel, events, args.size, batch, 1)
+        failures = base.publish_all(publisher, channel, events, args.size, batch, 1).failures
         results = [pool.results(args.timeout + 60) for pool in pools]
         cpu = sum(sum(base.cpu_times(node.pid)) for node in nodes) - cpu_before
     finally:
