@@ -34,9 +34,6 @@ log = logging.getLogger("ssehub.gateway")
 
 RUN_PREFIX = "run:"
 DONE = "[DONE]"
-# Loop turns from an append to a reader's write: the tail's step, the reader's wait,
-# the reader itself.
-_READER_HOPS = 3
 # A run's log keeps every chunk until it expires as a whole (`close(expire_after=...)`):
 # a client resuming from the start must get the whole reply. The length bound is a
 # safety net against a runaway upstream, far above any real completion.
@@ -177,7 +174,6 @@ class Runs:
     async def _generate(self, run: Run, source: AsyncIterator[list[str]]) -> None:
         stream = run_stream(run.id)
         final: list[str] = [DONE]
-        first = True
         try:
             async for batch in source:
                 if run.first_chunk is None:
@@ -189,13 +185,6 @@ class Runs:
                     await self._broker.append(
                         stream, [("message", data) for data in batch], RUN_RETENTION
                     )
-                    if first:
-                        # The readers woken by the first append write it before this
-                        # task relays the rest of the same upstream read: the time to
-                        # first token is one batch's, not the whole read's.
-                        first = False
-                        for _ in range(_READER_HOPS):
-                            await asyncio.sleep(0)
             run.outcome = "finished"
         except asyncio.CancelledError:
             # Ours to swallow: this task is the run, and what follows must still happen.
