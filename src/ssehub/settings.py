@@ -46,6 +46,11 @@ class Settings:
         None, "Base URL of an OpenAI-compatible upstream (e.g. https://api.openai.com/v1)."
     )
     upstream_api_key: str | None = _opt(None, "API key sent to the upstream as a Bearer token.")
+    api_key: str | None = _opt(
+        None,
+        "When set, /v1 endpoints need 'Authorization: Bearer <key>' (several keys: "
+        "comma-separated).",
+    )
     detach_grace: float = _opt(
         5.0, "Seconds a completion keeps generating with no client reading it."
     )
