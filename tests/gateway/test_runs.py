@@ -40,13 +40,13 @@ async def test_cancel_before_the_first_step() -> None:
     broker = MemoryBroker()
     runs, registry = make_runs(broker)
     run = runs.start("c1", "demo", endless())
-    assert await runs.cancel("c1")
+    assert await runs.cancel("c1") == "cancelled"
     data = await log_of(broker, "c1")
     assert data[-1] == "[DONE]"
     assert json.loads(data[-2])["error"]["code"] == "request"
     assert run.outcome == "cancelled"
     assert runs.get("c1") is None
-    assert not await runs.cancel("c1")
+    assert await runs.cancel("c1") == "none"
     value = registry.get_sample_value(
         "ssehub_gateway_completions_total", {"backend": "demo", "outcome": "cancelled"}
     )

@@ -242,7 +242,15 @@ async def cancel(request: Request) -> Response:
     gateway = _gateway(request)
     try:
         completion_id = _completion_id(request)
-        if not await gateway.runs.cancel(completion_id):
+        result = await gateway.runs.cancel(completion_id, _cancel_wait(request))
+        if result == "requested":
+            # Asked, not yet done (see `Runs.cancel`): the log ends with the `request`
+            # error event once the generating process hears it.
+            return json_response(
+                {"id": completion_id, "object": "completion.cancel", "cancelled": False},
+                status=202,
+            )
+        if result == "none":
             info = await gateway.broker.info(run_stream(completion_id))
             if info is None:
                 raise _not_found(completion_id)
@@ -253,13 +261,27 @@ async def cancel(request: Request) -> Response:
             raise GatewayError(
                 409,
                 f"No server process is generating the completion '{completion_id}' now "
-                "(it stopped, or did not answer in time); its stream ends with an error "
-                "event once its lease lapses.",
+                "(the one that did stopped); its stream ends with an error event once "
+                "its lease lapses.",
                 code="not_local",
             )
     except GatewayError as error:
         return error_response(error)
     return json_response({"id": completion_id, "object": "completion.cancel", "cancelled": True})
+
+
+def _cancel_wait(request: Request) -> float:
+    """`?wait=SECONDS` (0-60, default 10): how long a cancel waits for another node."""
+    raw = request.query_params.get("wait")
+    if raw is None:
+        return 10.0
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= 60:
+        raise GatewayError(400, "'wait' must be a number of seconds from 0 to 60.", param="wait")
+    return wait
 
 
 def gateway_routes() -> list[BaseRoute]:

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -47,6 +47,10 @@ _STOP_MESSAGES = {
     "detached": "The completion was stopped: no client read it for the detach grace time.",
     "shutdown": "The completion was stopped: the server is shutting down.",
 }
+
+
+# What `Runs.cancel` achieved.
+CancelResult = Literal["cancelled", "requested", "none"]
 
 
 def run_stream(completion_id: str) -> str:
@@ -296,32 +300,38 @@ class Runs:
         if run.readers == 0 and run.outcome is None:
             self._set_detached(run, True)
 
-    async def cancel(self, completion_id: str, wait: float = 10.0) -> bool:
-        """Stop a run, here or in another process sharing the broker, and wait (up to
-        `wait` seconds for another process's) until its log is closed.
+    async def cancel(self, completion_id: str, wait: float = 10.0) -> CancelResult:
+        """Stop a run, here or in another process sharing the broker.
 
-        False when no process is generating it (unknown, finished, or its producer is
-        gone), or when another process's run did not end in time.
+        - `cancelled`: it was stopped and its log has ended (with a `request` error event
+          unless it had already ended another way meanwhile).
+        - `requested`: another process generates it and was asked to stop, but its log
+          did not end within `wait` seconds (a busy or paused process); the stop is
+          recorded in its lease, so it stops when it next hears from the broker.
+        - `none`: no process is generating it (unknown, already ended, or its producer
+          is gone and its lease lapsed).
         """
         run = self._runs.get(completion_id)
         if run is not None:
-            if not self._stop(run, "request"):
-                return False
+            # Already ending (finished, or stopping for another reason): once it has,
+            # the caller finds its log closed.
+            self._stop(run, "request")
             await run.ended.wait()
-            return True
+            return "cancelled" if run.outcome == "cancelled" else "none"
         # Another node's: its producer hears the request through the broker, stops as for
         # a local cancel (the upstream request is closed there) and ends the log, which
         # every reader on every node then gets.
         stream = run_stream(completion_id)
         try:
             if not await self._broker.request_stop(stream):
-                return False
+                return "none"
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
-                    return await self._closed(stream)
+                    return "cancelled" if await self._closed(stream) else "none"
         except BrokerError:
             log.warning("completion %s: could not ask for its stop", completion_id, exc_info=True)
-        return False
+            return "none"
+        return "requested"
 
     async def _closed(self, stream: str) -> bool:
         """Wait until `stream` is closed (True), or gone (False)."""
