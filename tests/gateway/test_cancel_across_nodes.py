@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import threading
 import time
 
@@ -130,3 +131,45 @@ def test_cancel_on_another_node_closes_the_upstream_request(
         reader.join(10)
     assert chunks(events)[-1]["error"]["code"] == "request"
     assert events[-1].data == "[DONE]"
+
+
+def test_a_cancel_the_producer_cannot_answer_in_time_is_accepted_and_still_happens() -> None:
+    with (
+        redis_server() as redis,
+        serve_in_process(*node_args(redis.url, "--demo-delay", "0.05")) as (node_a, proc_a),
+        serve_in_process(*node_args(redis.url)) as (node_b, _),
+    ):
+        events: list[ServerSentEvent] = []
+        done = threading.Event()
+
+        def read() -> None:
+            with httpx.stream("POST", node_a + "/v1/chat/completions", json=BODY, timeout=30) as r:
+                events.extend(iter_events(r))
+            done.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        wait_for(lambda: len(events) >= 3, 15, 0.02, "the first chunks")
+        completion_id = chunks(events)[0]["id"]
+        cancel = f"{node_b}/v1/chat/completions/{completion_id}/cancel"
+        bad_wait = httpx.post(cancel + "?wait=soon", timeout=30)
+        # The generating process is paused (a long GC pause, an overloaded host): the
+        # request is recorded, the answer says so instead of waiting for ever...
+        proc_a.send_signal(signal.SIGSTOP)
+        try:
+            answer = httpx.post(cancel + "?wait=0.2", timeout=30)
+        finally:
+            proc_a.send_signal(signal.SIGCONT)
+        # ...and the producer stops once it runs again.
+        assert done.wait(15), "the reader on node A did not end"
+        reader.join(10)
+        again = httpx.post(cancel, timeout=30)
+
+    assert bad_wait.status_code == 400
+    assert bad_wait.json()["error"]["param"] == "wait"
+    assert answer.status_code == 202, answer.text
+    assert answer.json() == {"id": completion_id, "object": "completion.cancel", "cancelled": False}
+    assert chunks(events)[-1]["error"]["code"] == "request"
+    assert events[-1].data == "[DONE]"
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "ended"

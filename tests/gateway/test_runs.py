@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -118,3 +120,33 @@ async def test_a_reader_of_a_log_that_expired_ends_with_an_error(cursor: str | N
     data = [line[6:] for line in wire.decode().splitlines() if line.startswith("data: ")]
     assert json.loads(data[0])["error"]["code"] == "expired"
     assert data[-1] == "[DONE]"
+
+
+class SwallowingBroker(MemoryBroker):
+    """A broker whose append drops a cancel that lands in it, as Python 3.11's
+    `asyncio.wait_for` does when its inner step finishes at that moment (redis-py)."""
+
+    async def append(self, *args: Any, **kwargs: Any) -> Any:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.05)
+        return await super().append(*args, **kwargs)
+
+
+@pytest.mark.anyio
+async def test_a_cancel_lost_on_its_way_still_stops_the_run() -> None:
+    async def eager() -> AsyncIterator[list[str]]:
+        i = 0
+        while True:
+            yield [json.dumps({"n": i})]
+            i += 1
+            await asyncio.sleep(0)
+
+    broker = SwallowingBroker()
+    runs, _ = make_runs(broker)
+    run = runs.start("c3", "demo", eager())
+    await asyncio.sleep(0.02)  # inside an append, where the cancel will land
+    async with asyncio.timeout(10):
+        assert await runs.cancel("c3") == "cancelled"
+    data = await log_of(broker, "c3")
+    assert json.loads(data[-2])["error"]["code"] == "request"
+    assert run.outcome == "cancelled"

@@ -189,6 +189,12 @@ class Runs:
                     await self._broker.append(
                         stream, [("message", data) for data in batch], RUN_RETENTION
                     )
+                if run.stop_reason is not None:
+                    # Stopped, but the cancel did not arrive: on Python 3.11,
+                    # `asyncio.wait_for` (redis-py sends commands with it) drops a cancel
+                    # that lands as its inner step finishes (CPython gh-86296). A stop
+                    # must not depend on where this task happened to wait.
+                    raise asyncio.CancelledError
             run.outcome = "finished"
         except asyncio.CancelledError:
             # Ours to swallow: this task is the run, and what follows must still happen.
