@@ -3,16 +3,18 @@ connection does that the channel tests cannot see through httpx."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from server._sse import Server, running
 from ssehub.server.connection import Subscription
 
-from _support import wait_for
+from _support import free_port, serve_in_process, wait_for
 
 
 @pytest.fixture
@@ -198,3 +200,17 @@ def test_serve_uses_the_protocol_only_on_a_tested_uvicorn(
     monkeypatch.setattr(uvicorn, "__version__", "9.99.0")
     assert connection.http_protocol() == "httptools"
     assert "not one ssehub's connection protocol was tested with" in caplog.text
+
+
+def test_serve_logs_subscriptions_like_uvicorn_does() -> None:
+    import httpx
+
+    port = free_port()
+    with serve_in_process("--log-level", "info", port=port) as (url, _):
+        with httpx.stream("GET", url + "/channels/logged?from=oldest", timeout=10) as response:
+            assert response.status_code == 200
+        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ssehub-test-{port}.log"
+        wait_for(lambda: "/channels/logged" in log.read_text(), 10, what="the access log line")
+        text = log.read_text()
+    assert '"GET /channels/logged?from=oldest HTTP/1.1" 200' in text
+    assert "Logging error" not in text

@@ -246,9 +246,9 @@ class Subscription(asyncio.Protocol):
         lines.append(b"\r\n")
         self.transport.write(b"".join(lines))
         if access_logger.hasHandlers():
-            # uvicorn's access log line.
+            # uvicorn's access log line, with the five arguments its formatter unpacks.
             url = request.url.decode("latin1")
-            access_logger.info('%s - "GET %s HTTP/1.1" %d', request.peer, url, status)
+            access_logger.info('%s - "%s %s HTTP/%s" %d', request.peer, "GET", url, "1.1", status)
 
     def respond(self, response: Response, request: Request) -> None:
         """A whole response (an error, 204), then the connection is uvicorn's again."""
