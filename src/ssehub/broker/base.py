@@ -16,8 +16,9 @@ from __future__ import annotations
 import abc
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ssehub.protocol import ServerSentEvent, encode
 
@@ -109,11 +110,38 @@ class StreamInfo:
     closed: bool
 
 
+# A member's answerer: a question (a JSON object) in, its answer (a JSON object) out.
+Answerer = Callable[[Mapping[str, Any]], Awaitable[Mapping[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A process serving with this broker's logs. `process` is its id (None when the broker
+    is not shared: the one process is all there is); `about` is what it said of itself
+    when it joined (ssehub: `node`, `pid`)."""
+
+    process: str | None
+    about: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Answers:
+    """What `Broker.ask` collected: each answer with the member that gave it, and the
+    live members that did not answer in time."""
+
+    answers: Sequence[tuple[Member, Mapping[str, Any]]]
+    unanswered: Sequence[Member]
+
+
 class Broker(abc.ABC):
     """Named append-only logs. All methods are safe to call concurrently from one loop."""
 
+    # This process's id among the processes sharing the logs; None when nothing is shared.
+    process: str | None = None
     # The `on_stop` of each lease held in this process, by stream (see `request_stop`).
     _stoppers: dict[str, Callable[[], object]]
+    # This process's answerer and self-description while it is a member (see `join`).
+    _member: tuple[Answerer, Mapping[str, Any]] | None = None
 
     @abc.abstractmethod
     async def append(
@@ -236,3 +264,35 @@ class Broker(abc.ABC):
     async def ping(self) -> bool:
         """Whether the backing service answers now (for /healthz); always True in memory."""
         return True
+
+    # -- members: the processes sharing the logs, asked questions (the admin view) ------
+
+    async def join(self, answerer: Answerer, about: Mapping[str, Any]) -> None:
+        """Make this process a member: `ask` from any process reaches `answerer` here.
+
+        `about` (JSON) is how others name this process in what they collect. Joining
+        again replaces both. A shared broker (Redis) announces the membership and renews
+        it while the process lives; a process that died drops out within seconds. It
+        never raises for a backing service that is down: the renewals keep trying.
+        """
+        self._member = (answerer, about)
+
+    async def leave(self) -> None:
+        """Stop answering and drop out of the members now."""
+        self._member = None
+
+    async def ask(
+        self, question: Mapping[str, Any], *, to: str | None = None, wait: float = 0.5
+    ) -> Answers:
+        """Put `question` to every live member (or only to the one whose `process` is
+        `to`) and collect their answers for up to `wait` seconds.
+
+        Returns as soon as every member that was live when asked has answered; those that
+        did not by then are `unanswered`. With nothing shared (memory) the one process,
+        when it joined, answers at once, and no member has a `process` to address.
+        Raises `BrokerUnavailable` when the backing service is down.
+        """
+        if self._member is None or to is not None:
+            return Answers((), ())
+        answerer, about = self._member
+        return Answers(((Member(None, about), await answerer(question)),), ())

@@ -17,6 +17,10 @@ falls behind the feed's window reads the log itself, which is also where gaps ar
 Leases: a producer (a completion run) holds `lease(stream)`; if its process dies, the
 lease deadline passes, and the first idle reader anywhere appends the producer's `lost`
 event and closes the stream, so readers never hang on a stream nobody writes.
+
+Members: a process that `join`s renews its entry in a sorted set with a deadline, as tails
+announce themselves, and answers questions that come on its pub/sub connection, the one
+stop requests come on; `ask` publishes a question and collects the answers there.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import cast
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -38,11 +42,14 @@ from redis.backoff import ExponentialBackoff
 
 from ssehub.broker.base import (
     PRODUCER_LOST,
+    Answerer,
+    Answers,
     Batch,
     Broker,
     BrokerError,
     BrokerUnavailable,
     Entry,
+    Member,
     Retention,
     StreamClosed,
     StreamInfo,
@@ -236,6 +243,37 @@ end
 return n
 """
 
+# Members: the processes that joined, process id -> deadline (Redis ms), and what each
+# said of itself. KEYS: members, abouts. ARGV: process id, ttl ms, about (JSON).
+# Renewing also forgets members that died, so neither key grows with restarts.
+_FORGET_DEAD = (
+    "for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do "
+    "redis.call('HDEL', KEYS[2], dead) end "
+    "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)"
+)
+_JOIN = f"""
+{_NOW_MS}
+{_FORGET_DEAD}
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+-- Both go away should every member die.
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+# KEYS: members, abouts. Returns the live members as a flat list: id, about, id, about...
+_MEMBERS = f"""
+{_NOW_MS}
+{_FORGET_DEAD}
+local flat = {{}}
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  flat[#flat + 1] = member
+  flat[#flat + 1] = redis.call('HGET', KEYS[2], member) or '{{}}'
+end
+return flat
+"""
+
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
@@ -244,6 +282,14 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 
 
 _Items = Sequence[tuple[str, dict[str, str]]]
+
+
+def _about(value: Any) -> dict[str, Any]:
+    """A member's self-description, from JSON text or as received."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = json.loads(value)
+    return value if isinstance(value, dict) else {}
 
 
 def _key_of(entry: Entry) -> tuple[int, int]:
@@ -391,10 +437,23 @@ class RedisBroker(Broker):
         self._present = self._redis.register_script(_PRESENT)
         self._elsewhere = self._redis.register_script(_ELSEWHERE)
         self._stop = self._redis.register_script(_STOP)
-        # Stop requests for leases held here come on this pub/sub channel (`_STOP`).
+        self._join_script = self._redis.register_script(_JOIN)
+        self._members = self._redis.register_script(_MEMBERS)
+        self._process = uuid.uuid4().hex[:12]
+        self.process = self._process
+        # One pub/sub connection per process, once it needs one: stop requests for leases
+        # held here (`_STOP`), questions to every member, and questions to this process
+        # and answers to its own questions (its inbox).
         self._stop_channel = f"{prefix}stop"
+        self._ask_channel = f"{prefix}ask"
+        self._inbox = self._inbox_of(self._process)
+        # (Named for what it did first; tests reach for it by this name.)
         self._stop_listener: asyncio.Task[None] | None = None
-        self._process = uuid.uuid4().hex
+        self._listening = asyncio.Event()
+        self._membership: asyncio.Task[None] | None = None
+        self._about_json = "{}"
+        self._asking: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._answering: set[asyncio.Task[None]] = set()
         self._wake_key = f"{prefix}w:{self._process}"
         self._feeds: dict[str, _Feed] = {}
         self._feeds_changed = asyncio.Event()
@@ -415,6 +474,12 @@ class RedisBroker(Broker):
 
     def _presence_key(self, stream: str) -> str:
         return f"{self.prefix}t:{stream}"
+
+    def _member_keys(self) -> list[str]:
+        return [f"{self.prefix}members", f"{self.prefix}members:about"]
+
+    def _inbox_of(self, process: str) -> str:
+        return f"{self.prefix}to:{process}"
 
     @property
     def available(self) -> bool:
@@ -654,10 +719,13 @@ class RedisBroker(Broker):
             feed.push([], closed=True)
 
     async def aclose(self) -> None:
+        if self._membership is not None:
+            await self.leave()
         self._closing = True
         if self._stop_listener is not None:
             self._tasks.append(self._stop_listener)
             self._stop_listener = None
+        self._tasks += self._answering
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -689,10 +757,8 @@ class RedisBroker(Broker):
         node reaches `on_stop` through this process's subscription to the stop channel
         at once, or at the next renewal should that message be missed.
         """
-        if on_stop is not None and self._stop_listener is None and not self._closing:
-            self._stop_listener = asyncio.create_task(
-                self._listen_for_stops(), name="ssehub-redis-stops"
-            )
+        if on_stop is not None:
+            self._listen()
         # Checked by the encoder here, so a reader never trips on them later.
         pairs = [[e.event, e.data] for e in (Entry.make(_ZERO, *p) for p in lost or PRODUCER_LOST)]
         keys = [self._stream_key(stream), self._lease_key(stream)]
@@ -753,33 +819,181 @@ class RedisBroker(Broker):
             self._stop_here(stream)  # held here: no need to wait for the message
         return bool(asked)
 
-    async def _listen_for_stops(self) -> None:
-        """Hand stop requests for leases held here to their `on_stop` (see `_STOP`)."""
+    def _listen(self) -> None:
+        """Start this process's pub/sub listener unless it runs."""
+        listener = self._stop_listener
+        if (listener is None or listener.done()) and not self._closing:
+            self._stop_listener = asyncio.create_task(
+                self._listen_loop(), name="ssehub-redis-pubsub"
+            )
+
+    async def _listen_loop(self) -> None:
+        """Hand stop requests for leases held here to their `on_stop` (see `_STOP`), and
+        questions and answers to `_received`."""
         backoff = 0.05
         task = asyncio.current_task()
         assert task is not None
+        channels = (self._stop_channel, self._ask_channel, self._inbox)
         while not self._closing:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._redis.pubsub()
             try:
-                await pubsub.subscribe(self._stop_channel)
+                await pubsub.subscribe(*channels)
                 backoff = 0.05
+                confirmed = 0
                 while not self._closing:
                     # redis-py's read timeout can swallow a cancel that lands with it.
                     if task.cancelling():
                         raise asyncio.CancelledError
                     message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        self._stop_here(str(message["data"]))
+                    if message is None:
+                        continue
+                    if message.get("type") == "subscribe":
+                        # Only once Redis confirmed them can `ask` count on its answers.
+                        confirmed += 1
+                        if confirmed >= len(channels):
+                            self._listening.set()
+                    elif message.get("type") == "message":
+                        self._received(str(message["channel"]), str(message["data"]))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # Requests made meanwhile are found by the lease renewals.
-                log.debug("the stop subscription failed: %r", exc)
+                # Stop requests made meanwhile are found by the lease renewals; questions
+                # go unanswered, and the asker says so.
+                log.debug("the pub/sub subscription failed: %r", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
             finally:
+                self._listening.clear()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _received(self, channel: str, data: str) -> None:
+        if channel == self._stop_channel:
+            self._stop_here(data)
+            return
+        try:
+            message = json.loads(data)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict) or not isinstance(message.get("from"), str):
+            log.warning("ignoring a malformed message on %s", channel)
+            return
+        if "re" in message:
+            waiting = self._asking.get(str(message["re"]))
+            if waiting is not None:
+                waiting.put_nowait(message)
+        elif self._member is not None and not self._closing:
+            task = asyncio.create_task(self._answer(message))
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
+
+    async def _answer(self, question: dict[str, Any]) -> None:
+        if self._member is None:
+            return
+        answerer, about = self._member
+        try:
+            body = await answerer(question.get("body") or {})
+            answer = {"re": question.get("q"), "from": self._process, "about": about, "body": body}
+            with self._calling():
+                await self._redis.publish(self._inbox_of(question["from"]), json.dumps(answer))
+        except BrokerError as exc:
+            log.debug("could not answer a question: %s", exc)
+        except Exception:
+            log.exception("answering %r failed", question.get("body"))
+
+    # -- members ----------------------------------------------------------------------
+
+    async def join(self, answerer: Answerer, about: Mapping[str, Any]) -> None:
+        """Become a member; see `Broker.join`.
+
+        The membership is renewed every `lease_check` seconds and lapses three of those
+        after the last renewal: a process killed drops out of `ask` within that.
+        """
+        await super().join(answerer, about)
+        self._about_json = json.dumps(about)
+        self._listen()
+        if self._membership is None and not self._closing:
+            with contextlib.suppress(BrokerError):
+                await self._announce()
+            self._membership = asyncio.create_task(
+                self._renew_membership(), name="ssehub-redis-membership"
+            )
+
+    async def _announce(self) -> None:
+        with self._calling():
+            await self._join_script(
+                keys=self._member_keys(),
+                args=[self._process, self._presence_ms, self._about_json],
+            )
+
+    async def _renew_membership(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_check)
+            try:
+                await self._announce()
+            except BrokerError as exc:
+                log.debug("could not renew the membership: %s", exc)
+
+    async def leave(self) -> None:
+        await super().leave()
+        task, self._membership = self._membership, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        members, abouts = self._member_keys()
+        with contextlib.suppress(BrokerError), self._calling():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(members, self._process)
+                pipe.hdel(abouts, self._process)
+                await pipe.execute()
+
+    async def ask(
+        self, question: Mapping[str, Any], *, to: str | None = None, wait: float = 0.5
+    ) -> Answers:
+        """Ask the live members, or member `to`; see `Broker.ask`.
+
+        The question is published on the channel every member listens to (or on `to`'s
+        inbox); each answers on the asker's inbox. Who should answer is read from the
+        members' set first, so a member that died is waited for until its membership
+        lapses, and reported as unanswered meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        self._listen()
+        with self._calling():
+            flat = await self._members(keys=self._member_keys())
+        pairs = zip(flat[::2], flat[1::2], strict=True)
+        members = {str(p): Member(str(p), _about(a)) for p, a in pairs}
+        if to is not None:
+            members = {to: members[to]} if to in members else {}
+        if not members:
+            return Answers((), ())
+        qid = uuid.uuid4().hex
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._asking[qid] = inbox
+        got: dict[str, tuple[Member, Mapping[str, Any]]] = {}
+        try:
+            # The answers come on the subscription: it must be there before asking.
+            await asyncio.wait_for(self._listening.wait(), max(0.0, deadline - loop.time()))
+            message = json.dumps({"q": qid, "from": self._process, "body": question})
+            with self._calling():
+                await self._redis.publish(
+                    self._ask_channel if to is None else self._inbox_of(to), message
+                )
+            while not members.keys() <= got.keys():
+                answer = await asyncio.wait_for(inbox.get(), max(0.0, deadline - loop.time()))
+                sender = str(answer["from"])
+                body = answer.get("body")
+                if (to is None or sender == to) and isinstance(body, dict):
+                    # One that joined after the members were read answers too.
+                    got[sender] = (Member(sender, _about(answer.get("about"))), body)
+        except TimeoutError:
+            pass
+        finally:
+            del self._asking[qid]
+        unanswered = [m for p, m in members.items() if p not in got]
+        return Answers(list(got.values()), unanswered)
 
     # -- the reader -------------------------------------------------------------------
 

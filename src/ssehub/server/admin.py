@@ -1,20 +1,79 @@
-"""`/admin/*`, `/metrics` and `/healthz`: the connection registry and the hub's health."""
+"""`/admin/*`, `/metrics` and `/healthz`: the connection registry and the hub's health.
+
+The admin view covers every process that shares the broker: the process that takes an
+admin request asks all of them through the broker (`Broker.ask`), each answers from its
+own registry (`answerer`), and the asker merges the answers. With the memory broker the
+one process answers itself, through the same path.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable
+import heapq
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from ssehub.broker import BrokerUnavailable
+from ssehub.broker.base import Answerer, Answers, Member
 from ssehub.server import metrics
 from ssehub.server.channels import RequestError, check_bearer
-from ssehub.server.hub import Hub
+from ssehub.server.hub import ConnectionInfo, Hub, HubStats
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+
+# How long the asking process waits for the others' answers: a process that takes longer
+# is listed as unanswered rather than holding the operator's request.
+ASK_WAIT = 0.5
+# Connections listed when `?limit=` is not given, and the most it may ask for: every
+# process sends at most that many, so an answer stays small with 10,000 per process.
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+_STATS_FIELDS = [f.name for f in dataclasses.fields(HubStats)]
+
+
+def answerer(hub: Hub) -> Answerer:
+    """What this process answers, from `hub`'s registry, when an admin request anywhere
+    asks every process (see `admin_routes`)."""
+
+    async def answer(question: Mapping[str, Any]) -> Mapping[str, Any]:
+        kind = question.get("ask")
+        if kind == "connections":
+            channel = question.get("channel")
+            matching = hub.connections(channel if isinstance(channel, str) else None)
+            oldest = heapq.nsmallest(int(question["limit"]), matching, key=_age_order)
+            return {
+                "connections": [dataclasses.asdict(c) for c in oldest],
+                "matching": len(matching),
+            }
+        if kind == "disconnect":
+            return {"disconnected": hub.disconnect(str(question["id"]))}
+        if kind == "stats":
+            return dataclasses.asdict(hub.stats())
+        raise ValueError(f"unknown admin question {kind!r}")
+
+    return answer
+
+
+def _age_order(info: ConnectionInfo) -> tuple[float, str]:
+    return info.connected_since, info.id
+
+
+def _holder(member: Member) -> dict[str, Any]:
+    """How the listing names the process holding a connection."""
+    return {
+        "process": member.process,
+        "node": member.about.get("node"),
+        "pid": member.about.get("pid"),
+    }
+
+
+def _unanswered(answers: Answers) -> list[dict[str, Any]]:
+    return [_holder(m) for m in answers.unanswered]
 
 
 def admin_routes(
@@ -22,6 +81,7 @@ def admin_routes(
 ) -> list[BaseRoute]:
     # Others (the gateway) register their metrics in the same registry: one /metrics.
     registry = registry or metrics.make_registry(hub)
+    broker = hub.broker
 
     def guarded(endpoint: Endpoint) -> Endpoint:
         async def checked(request: Request) -> Response:
@@ -29,24 +89,65 @@ def admin_routes(
                 check_bearer(request.headers, admin_token, "admin endpoints")
             except RequestError as exc:
                 return exc.response()
-            return await endpoint(request)
+            try:
+                return await endpoint(request)
+            except BrokerUnavailable:
+                return JSONResponse({"error": "broker unavailable, retry later"}, 503)
 
         return checked
 
     async def list_connections(request: Request) -> Response:
         channel = request.query_params.get("channel")
+        raw_limit = request.query_params.get("limit", str(DEFAULT_LIMIT))
+        limit = int(raw_limit) if raw_limit.isdigit() else 0
+        if not 1 <= limit <= MAX_LIMIT:
+            return JSONResponse({"error": f"limit must be 1-{MAX_LIMIT}"}, status_code=400)
+        answers = await broker.ask(
+            {"ask": "connections", "channel": channel, "limit": limit}, wait=ASK_WAIT
+        )
+        listed: list[dict[str, Any]] = []
+        total = 0
+        for member, body in answers.answers:
+            total += body["matching"]
+            listed += [{**c, **_holder(member)} for c in body["connections"]]
+        # Each process sent its oldest `limit`: the oldest `limit` of all are among them.
+        listed.sort(key=lambda c: (c["connected_since"], c["id"]))
+        del listed[limit:]
         return JSONResponse(
-            {"connections": [dataclasses.asdict(c) for c in hub.connections(channel)]}
+            {
+                "connections": listed,
+                "total": total,
+                "left_out": total - len(listed),
+                "unanswered": _unanswered(answers),
+            }
         )
 
     async def close_connection(request: Request) -> Response:
         conn_id = request.path_params["id"]
-        if not hub.disconnect(conn_id):
-            return JSONResponse({"error": f"no connection {conn_id!r}"}, status_code=404)
-        return JSONResponse({"id": conn_id, "disconnected": True})
+        # `c12@<process>`: only its holder is asked. An id without a process is asked
+        # of all (with the memory broker, of the one process).
+        _, at, process = conn_id.rpartition("@")
+        answers = await broker.ask(
+            {"ask": "disconnect", "id": conn_id}, to=process if at else None, wait=ASK_WAIT
+        )
+        if any(body.get("disconnected") for _, body in answers.answers):
+            return JSONResponse({"id": conn_id, "disconnected": True})
+        if answers.unanswered:
+            return JSONResponse(
+                {
+                    "error": f"no answer from the process that may hold {conn_id!r}",
+                    "unanswered": _unanswered(answers),
+                },
+                status_code=504,
+            )
+        return JSONResponse({"error": f"no connection {conn_id!r}"}, status_code=404)
 
     async def stats(request: Request) -> Response:
-        return JSONResponse(dataclasses.asdict(hub.stats()))
+        answers = await broker.ask({"ask": "stats"}, wait=ASK_WAIT)
+        processes = [{**_holder(m), **body} for m, body in answers.answers]
+        processes.sort(key=lambda p: (str(p["node"]), str(p["pid"]), str(p["process"])))
+        totals = {name: sum(int(p.get(name, 0)) for p in processes) for name in _STATS_FIELDS}
+        return JSONResponse({**totals, "processes": processes, "unanswered": _unanswered(answers)})
 
     async def scrape(request: Request) -> Response:
         return Response(metrics.render(registry), media_type=metrics.CONTENT_TYPE)

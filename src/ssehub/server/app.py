@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import FrameType
@@ -24,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 from ssehub.broker import Broker, Retention
 from ssehub.broker.memory import MemoryBroker
 from ssehub.gateway import Gateway, gateway_routes
-from ssehub.server.admin import admin_routes
+from ssehub.server.admin import admin_routes, answerer
 from ssehub.server.channels import ChannelEndpoint
 from ssehub.server.hub import Hub
 from ssehub.server.jobs import job_routes
@@ -160,14 +162,22 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         *web_routes(),
     ]
 
+    # How the admin view of every process sharing the broker names this one.
+    about = {"node": f"{socket.gethostname()}:{settings.port}", "pid": os.getpid()}
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await hub.start()
+        await broker.join(answerer(hub), about)
         try:
             with ending_streams_on_signals(hub):
                 yield
         finally:
             hub.begin_shutdown()
+            try:
+                await broker.leave()
+            except Exception:
+                logger.exception("leaving the broker's members failed")
             for cleanup in reversed(cleanups):
                 try:
                     await cleanup()

@@ -149,6 +149,8 @@ class Hub:
         # Set when the server begins to shut down: streams end instead of waiting.
         self.shutting_down = asyncio.Event()
         self._ids = itertools.count(1)
+        # Ids name a connection among every process sharing the broker: `c12@<process>`.
+        self._id_suffix = f"@{self.broker.process}" if self.broker.process else ""
         self._subscribers: dict[str, Subscriber] = {}
         self._pumps: dict[str, ChannelPump] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -306,7 +308,7 @@ class Hub:
         by itself behind uvicorn's httptools `send`."""
         return Subscriber(
             self,
-            f"c{next(self._ids)}",
+            f"c{next(self._ids)}{self._id_suffix}",
             channel,
             as_coroutine_send(send),
             peer,
