@@ -64,6 +64,18 @@ def listed(base: str, channel: str, limit: int = 100) -> list[dict[str, Any]]:
     return found
 
 
+def listed_when(base: str, channel: str, count: int) -> list[dict[str, Any]]:
+    """`listed`, once it has `count` connections."""
+    found: list[dict[str, Any]] = []
+
+    def complete() -> bool:
+        found[:] = listed(base, channel)
+        return len(found) == count
+
+    wait_for(complete, 15, 0.05, f"{count} connections listed on {base}")
+    return found
+
+
 def port_of(base: str) -> str:
     return base.rsplit(":", 1)[1]
 
@@ -85,7 +97,7 @@ def test_either_node_lists_every_connection_with_its_holder(nodes: tuple[str, st
     listeners = subscribe(one, channel, 2) + subscribe(two, channel, 1)
     try:
         for base in nodes:
-            conns = wait_for(lambda b=base: len(listed(b, channel)) == 3 and listed(b, channel))
+            conns = listed_when(base, channel, 3)
             by_port: dict[str, int] = {}
             for conn in conns:
                 assert conn["channel"] == channel
@@ -107,13 +119,13 @@ def test_a_stream_held_on_one_node_is_closed_from_the_other(nodes: tuple[str, st
     channel = f"close-{uuid.uuid4().hex[:6]}"
     held_on_one, held_on_two = subscribe(one, channel), subscribe(two, channel)
     try:
-        conns = wait_for(lambda: len(listed(two, channel)) == 2 and listed(two, channel))
+        conns = listed_when(two, channel, 2)
         (target,) = (c for c in conns if c["node"].endswith(":" + port_of(one)))
         response = httpx.delete(f"{two}/admin/connections/{target['id']}", headers=ADMIN)
         assert response.status_code == 200, response.text
         assert response.json() == {"id": target["id"], "disconnected": True}
         held_on_one[0].wait_ended(10)
-        remaining = wait_for(lambda: len(listed(one, channel)) == 1 and listed(one, channel))
+        remaining = listed_when(one, channel, 1)
         assert remaining[0]["node"].endswith(":" + port_of(two))
         assert not held_on_two[0].ended.is_set()
         # Gone now, anywhere; unknown ids and processes are 404 too.
@@ -129,7 +141,7 @@ def test_stats_add_up_over_the_nodes(nodes: tuple[str, str]) -> None:
     channel = f"stats-{uuid.uuid4().hex[:6]}"
     listeners = subscribe(one, channel, 2) + subscribe(two, channel, 3)
     try:
-        wait_for(lambda: len(listed(one, channel)) == 5)
+        listed_when(one, channel, 5)
         httpx.post(f"{one}/channels/{channel}", content="hello", timeout=10)
         for listener in listeners:
             listener.wait(1)
@@ -155,7 +167,7 @@ def test_limit_bounds_the_listing_and_says_what_it_left_out(nodes: tuple[str, st
     channel = f"limit-{uuid.uuid4().hex[:6]}"
     listeners = subscribe(one, channel, 3) + subscribe(two, channel, 3)
     try:
-        wait_for(lambda: len(listed(one, channel)) == 6)
+        listed_when(one, channel, 6)
         body = get(two, f"/admin/connections?channel={channel}&limit=4")
         assert len(body["connections"]) == 4
         assert body["total"] == 6
@@ -191,7 +203,7 @@ def test_a_killed_node_leaves_the_view(redis: RedisServer, nodes: tuple[str, str
     with serve_in_process(*node_args(redis)) as (three, proc):
         listeners = subscribe(three, channel, 2)
         try:
-            wait_for(lambda: len(listed(one, channel)) == 2, 15)
+            listed_when(one, channel, 2)
             assert len(processes(one)) == 3
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
@@ -221,7 +233,7 @@ def test_workers_answer_for_each_other() -> None:
         # Each connection lands on whichever worker accepts it.
         listeners = subscribe(base, channel, 6)
         try:
-            conns = wait_for(lambda: len(listed(base, channel)) == 6 and listed(base, channel))
+            conns = listed_when(base, channel, 6)
             pids = {p["pid"] for p in processes(base)}
             assert len(pids) == 3
             assert {c["pid"] for c in conns} <= pids
@@ -231,7 +243,7 @@ def test_workers_answer_for_each_other() -> None:
                 assert response.status_code == 200, response.text
             for listener in listeners:
                 listener.wait_ended(10)
-            wait_for(lambda: listed(base, channel) == [])
+            listed_when(base, channel, 0)
         finally:
             close_all(listeners)
 
@@ -244,3 +256,28 @@ def _joined(base: str) -> int:
     if response.status_code != 200:
         return 0
     return len(response.json()["processes"])
+
+
+def test_without_redis_the_view_is_the_one_process() -> None:
+    args = ("--admin-token", "adm", "--heartbeat", "0.5", "--log-level", "warning")
+    with serve_in_process(*args) as (base, proc):
+        channel = f"memory-{uuid.uuid4().hex[:6]}"
+        listeners = subscribe(base, channel, 3)
+        try:
+            conns = listed_when(base, channel, 3)
+            assert {c["process"] for c in conns} == {None}
+            assert {c["pid"] for c in conns} == {proc.pid}
+            assert all("@" not in c["id"] for c in conns)
+            body = get(base, f"/admin/connections?channel={channel}&limit=1")
+            assert (len(body["connections"]), body["total"], body["left_out"]) == (1, 3, 2)
+            stats = get(base, "/admin/stats")
+            assert [p["pid"] for p in stats["processes"]] == [proc.pid]
+            assert stats["connections"] == stats["processes"][0]["connections"] == 3
+            for conn_id in ("c1@0123456789ab", "c999999"):
+                response = httpx.delete(f"{base}/admin/connections/{conn_id}", headers=ADMIN)
+                assert response.status_code == 404
+            response = httpx.delete(f"{base}/admin/connections/{conns[0]['id']}", headers=ADMIN)
+            assert response.json() == {"id": conns[0]["id"], "disconnected": True}
+            listed_when(base, channel, 2)
+        finally:
+            close_all(listeners)
