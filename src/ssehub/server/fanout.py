@@ -328,6 +328,11 @@ class ChannelPump:
         self.ready.set_result(None)
         try:
             async for batch in self.hub.broker.tail(stream, after):
+                if not self.subscribers:
+                    # Retired (the hub made a new pump for any later subscriber), but
+                    # its cancel was lost: Python 3.11's `wait_for`, in redis-py, can drop
+                    # one (CPython gh-86296).
+                    break
                 await self.deliver(batch)
                 if batch.closed:
                     break
