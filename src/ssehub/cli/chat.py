@@ -36,7 +36,10 @@ def _error_message(error: HTTPStatusError) -> str:
         detail = orjson.loads(error.body)["error"]["message"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         detail = error.body.strip() or error.reason
-    return f"{error.status_code} {error.reason}: {detail}"
+    message = f"{error.status_code} {error.reason}: {detail}"
+    if error.status_code == 401:
+        message += " (give the key with --api-key or SSEHUB_API_KEY)"
+    return message
 
 
 class _Reply:
@@ -138,9 +141,13 @@ def _read(source: EventSource, reply: _Reply) -> bool:
 @click.option("--system", default=None, help="A system message to send first.")
 @click.option(
     "--api-key",
-    envvar="OPENAI_API_KEY",
+    # SSEHUB_API_KEY wins: a shell may hold a key for OpenAI itself in OPENAI_API_KEY
+    # while this gateway wants its own.
+    envvar=["SSEHUB_API_KEY", "OPENAI_API_KEY"],
+    show_envvar=True,
     default=None,
-    help="Sent as 'Authorization: Bearer KEY' (for a gateway relaying with your own key).",
+    help="Sent as 'Authorization: Bearer KEY': the gateway's key (serve --api-key), or "
+    "for a gateway that forwards it, the upstream's.",
 )
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds without a byte.")
 def chat(
@@ -167,7 +174,10 @@ def chat(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+    # The server's SSEHUB_API_KEY may list several keys; no key holds a comma, so the
+    # first one is a key.
+    key = next((k.strip() for k in (api_key or "").split(",") if k.strip()), None)
+    headers = {"authorization": f"Bearer {key}"} if key else None
     # Made before the clock starts: the time to first token is the server's, not the
     # time this process takes to set up a client.
     client = httpx.Client(follow_redirects=True, verify=tls_context())

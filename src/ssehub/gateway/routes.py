@@ -4,9 +4,11 @@ and ssehub's own /v1/chat/completions/{id}/stream and /cancel."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import hmac
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -38,10 +40,28 @@ _STREAM_HEADERS = {
 }
 
 
+def parse_api_keys(value: str | None) -> tuple[bytes, ...]:
+    """The client keys in `value` (comma-separated, empty entries ignored); `()` if unset.
+
+    Raises `ValueError` when `value` is set but holds no key: a gateway meant to be
+    closed must not start open.
+    """
+    if value is None:
+        return ()
+    keys = tuple(key.strip().encode() for key in value.split(",") if key.strip())
+    if not keys:
+        raise ValueError(
+            f"--api-key (SSEHUB_API_KEY) {value!r} holds no key; empty entries are ignored"
+        )
+    return keys
+
+
 class Gateway:
-    """What the gateway endpoints share in one app: runs, the upstream, metrics."""
+    """What the gateway endpoints share in one app: runs, the upstream, metrics, and the
+    client keys (`api_keys`, empty when the endpoints are open)."""
 
     def __init__(self, settings: Settings, broker: Broker, registry: Any = None) -> None:
+        self.api_keys = parse_api_keys(settings.api_key)
         self.settings = settings
         self.broker = broker
         self.metrics = GatewayMetrics(registry)
@@ -80,6 +100,49 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 def error_response(error: GatewayError) -> Response:
     return json_response(error.body(), error.status)
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _authenticated(endpoint: Endpoint) -> Endpoint:
+    """`endpoint`, answering 401 first unless the request names one of the gateway's keys."""
+
+    @functools.wraps(endpoint)
+    async def checked(request: Request) -> Response:
+        keys = _gateway(request).api_keys
+        if not keys:
+            return await endpoint(request)
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        token = given.strip().encode()
+        # Every key is compared, with no early exit: the time taken does not say which
+        # key matched, nor how much of one.
+        matched = False
+        for key in keys:
+            matched |= hmac.compare_digest(token, key)
+        presented = scheme.lower() == "bearer" and bool(token)
+        if presented and matched:
+            return await endpoint(request)
+        if presented:
+            message = "Incorrect API key provided."
+            challenge = 'Bearer error="invalid_token"'
+        else:
+            message = "This server needs an API key: send 'Authorization: Bearer <key>'."
+            # RFC 6750 3.1: a request with no credentials gets no error code.
+            challenge = "Bearer"
+        response = error_response(GatewayError(401, message, code="invalid_api_key"))
+        response.headers["www-authenticate"] = challenge
+        return response
+
+    return checked
+
+
+def _upstream_authorization(gateway: Gateway, request: Request) -> str | None:
+    """The client's `Authorization` to forward upstream: none when it was the key for
+    this gateway (that key is ours, not the upstream's)."""
+    if gateway.api_keys:
+        return None
+    return request.headers.get("authorization")
 
 
 def event_stream(
@@ -132,7 +195,7 @@ async def _complete(request: Request, kind: Kind) -> Response:
                     code="model_not_found",
                 )
             path = "/chat/completions" if kind == "chat" else "/completions"
-            authorization = request.headers.get("authorization")
+            authorization = _upstream_authorization(gateway, request)
             if not completion.stream:
                 status, content = await gateway.upstream.post(path, completion.body, authorization)
                 return Response(content, status, media_type="application/json")
@@ -194,7 +257,9 @@ async def models(request: Request) -> Response:
     data = [model_object(DEMO_MODEL, "ssehub")]
     if gateway.upstream is not None:
         try:
-            upstream_models = await gateway.upstream.models(request.headers.get("authorization"))
+            upstream_models = await gateway.upstream.models(
+                _upstream_authorization(gateway, request)
+            )
         except GatewayError as error:
             # The demo stays usable, and a UI can still list it, when the upstream is down.
             log.warning("cannot list the upstream's models: %s", error.message)
@@ -285,13 +350,15 @@ def _cancel_wait(request: Request) -> float:
 
 
 def gateway_routes() -> list[BaseRoute]:
-    """The gateway's routes; the app puts a `Gateway` in `app.state.gateway`."""
+    """The gateway's routes; the app puts a `Gateway` in `app.state.gateway`. With client
+    keys set (`--api-key`), every one of them needs one."""
     routes: list[BaseRoute] = [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/chat/completions", _authenticated(chat_completions), methods=["POST"]),
+        Route("/v1/completions", _authenticated(completions), methods=["POST"]),
+        Route("/v1/models", _authenticated(models), methods=["GET"]),
     ]
     for prefix in ("/v1/chat/completions", "/v1/completions"):
-        routes.append(Route(prefix + "/{completion_id}/stream", resume, methods=["GET"]))
-        routes.append(Route(prefix + "/{completion_id}/cancel", cancel, methods=["POST"]))
+        stream, stop = _authenticated(resume), _authenticated(cancel)
+        routes.append(Route(prefix + "/{completion_id}/stream", stream, methods=["GET"]))
+        routes.append(Route(prefix + "/{completion_id}/cancel", stop, methods=["POST"]))
     return routes
