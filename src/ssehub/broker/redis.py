@@ -927,7 +927,9 @@ class RedisBroker(Broker):
             )
 
     async def _renew_membership(self) -> None:
-        while True:
+        # Checked as well as cancelled: Python 3.11's `wait_for`, in redis-py, can drop a
+        # cancel (CPython gh-86296), and `leave` waits for this task to end.
+        while self._membership is asyncio.current_task():
             await asyncio.sleep(self.lease_check)
             try:
                 await self._announce()
