@@ -4,11 +4,16 @@
 // event applied, are saved to sessionStorage after every event, in one write with the text
 // they produced. A reload therefore resumes from exactly that event through
 // GET /v1/chat/completions/{id}/stream with Last-Event-ID: nothing lost, nothing doubled.
+//
+// A server started with --api-key wants "Authorization: Bearer <key>" on every /v1 call;
+// the key typed in the API key field is sent with each one and kept for the tab.
 
 import { EventStreamError, fetchEventStream } from "./ssehub.js";
 import { renderMarkdown } from "./markdown.js";
 
 const STORE_KEY = "ssehub.chat.v1";
+// Apart from the conversation, so that New chat keeps it.
+const API_KEY_STORE = "ssehub.chat.api-key.v1";
 const DEFAULT_MODEL = "ssehub-demo";
 
 const $ = (id) => document.getElementById(id);
@@ -18,6 +23,7 @@ const sendButton = $("send");
 const stopButton = $("stop");
 const modelSelect = $("model");
 const statusLine = $("status");
+const apiKeyInput = $("api-key");
 
 const resumeUrl = (id) => `/v1/chat/completions/${encodeURIComponent(id)}/stream`;
 const cancelUrl = (id) => `/v1/chat/completions/${encodeURIComponent(id)}/cancel`;
@@ -50,6 +56,41 @@ function save() {
 
 function setStatus(text) {
   statusLine.textContent = text;
+}
+
+// ---- the API key -----------------------------------------------------------------------
+
+function loadApiKey() {
+  try {
+    apiKeyInput.value = sessionStorage.getItem(API_KEY_STORE) || "";
+  } catch {
+    // Storage disabled: the key lasts as long as the page.
+  }
+}
+
+function saveApiKey() {
+  try {
+    if (apiKeyInput.value) sessionStorage.setItem(API_KEY_STORE, apiKeyInput.value);
+    else sessionStorage.removeItem(API_KEY_STORE);
+  } catch {
+    // As above.
+  }
+}
+
+function authHeaders() {
+  const key = apiKeyInput.value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+/** The server's message for a failed call; for a 401, with what to do about it. */
+function explain(status, message) {
+  if (status !== 401) return message;
+  apiKeyInput.setAttribute("aria-invalid", "true");
+  return `${message} Enter this server's key in the API key field above.`;
+}
+
+function keyAccepted() {
+  apiKeyInput.removeAttribute("aria-invalid");
 }
 
 // ---- rendering -------------------------------------------------------------------------
@@ -193,7 +234,7 @@ function stream(index, request) {
       if (!state.pending || !state.pending.completionId) {
         throw new EventStreamError("The connection was lost before the reply started.");
       }
-      return { url: resumeUrl(state.pending.completionId) };
+      return { url: resumeUrl(state.pending.completionId), headers: authHeaders() };
     },
     onEvent: (event) => {
       apply(message, event);
@@ -206,6 +247,7 @@ function stream(index, request) {
     onOpen: (response) => {
       // The gateway names the completion in a header, so Stop and a reload work even
       // before the first chunk has arrived.
+      keyAccepted();
       const id = response.headers.get("ssehub-completion-id");
       if (id && state.pending && !state.pending.completionId) {
         state.pending.completionId = id;
@@ -227,7 +269,7 @@ function stream(index, request) {
     .catch((error) => {
       if (leaving) return;
       message.status = "error";
-      message.error = error.message || String(error);
+      message.error = explain(error.status, error.message || String(error));
     })
     .finally(() => {
       if (leaving) return;
@@ -261,7 +303,7 @@ function send() {
   stream(index, {
     url: "/v1/chat/completions",
     method: "POST",
-    headers: { "Content-Type": "application/json" },
+    headers: { "Content-Type": "application/json", ...authHeaders() },
     body: JSON.stringify({
       model,
       messages: [...history, { role: "user", content: text }],
@@ -275,7 +317,11 @@ function stop() {
   if (!active) return;
   const id = state.pending && state.pending.completionId;
   // Cancel on the server too: aborting alone would leave it generating for the detach grace.
-  if (id) fetch(cancelUrl(id), { method: "POST", keepalive: true }).catch(() => {});
+  if (id) {
+    fetch(cancelUrl(id), { method: "POST", keepalive: true, headers: authHeaders() }).catch(
+      () => {},
+    );
+  }
   active.controller.abort();
 }
 
@@ -297,17 +343,34 @@ function resumePending() {
   stream(pending.index, {
     url: resumeUrl(pending.completionId),
     method: "GET",
+    headers: authHeaders(),
     lastEventId: pending.lastEventId,
   });
 }
 
 // ---- models ----------------------------------------------------------------------------
 
+let modelsNotice = "";
+
 async function loadModels() {
   try {
-    const response = await fetch("/v1/models", { headers: { Accept: "application/json" } });
-    if (!response.ok) throw new Error(`HTTP ${response.status}`);
-    const body = await response.json();
+    const response = await fetch("/v1/models", {
+      headers: { Accept: "application/json", ...authHeaders() },
+    });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      const detail = body.error && body.error.message ? `: ${body.error.message}` : "";
+      modelsNotice = explain(
+        response.status,
+        `Could not list the models (HTTP ${response.status}${detail}); using ${DEFAULT_MODEL}.`,
+      );
+      setStatus(modelsNotice);
+      return;
+    }
+    keyAccepted();
+    // The notice of an earlier failed attempt goes; any other status line stays.
+    if (modelsNotice && statusLine.textContent === modelsNotice) setStatus("");
+    modelsNotice = "";
     const ids = (body.data || []).map((m) => m.id).filter(Boolean);
     if (!ids.length) return;
     modelSelect.replaceChildren(
@@ -321,7 +384,8 @@ async function loadModels() {
     modelSelect.value = ids.includes(state.model) ? state.model : ids[0];
     prompt.placeholder = `Message ${modelSelect.value}`;
   } catch (error) {
-    setStatus(`Could not list the models (${error.message}); using ${DEFAULT_MODEL}.`);
+    modelsNotice = `Could not list the models (${error.message}); using ${DEFAULT_MODEL}.`;
+    setStatus(modelsNotice);
   }
 }
 
@@ -352,6 +416,12 @@ modelSelect.addEventListener("change", () => {
   prompt.placeholder = `Message ${modelSelect.value}`;
   save();
 });
+apiKeyInput.addEventListener("input", () => {
+  keyAccepted(); // the mark was for the key as it was
+  saveApiKey();
+});
+// A key entered (or changed) is tried at once: the models it unlocks are listed.
+apiKeyInput.addEventListener("change", loadModels);
 $("new-chat").addEventListener("click", () => {
   stop();
   state = { model: state.model, messages: [], pending: null };
@@ -368,6 +438,7 @@ addEventListener("pageshow", (event) => {
   if (event.persisted && leaving) location.reload();
 });
 
+loadApiKey();
 renderAll();
 loadModels();
 resumePending();

@@ -85,21 +85,31 @@ function watch(id, channel) {
   });
 }
 
+// A server started with --publish-token wants it for starting a job (not for watching).
+function authHeaders() {
+  const token = $("token").value.trim();
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
 async function start() {
   const status = $("status");
+  const tokenInput = $("token");
   status.textContent = "";
   try {
     const delay = Number($("delay").value);
     const response = await fetch("/demo/jobs", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify(Number.isFinite(delay) ? { delay } : {}),
     });
     const body = await response.json().catch(() => ({}));
+    if (response.status === 401) tokenInput.setAttribute("aria-invalid", "true");
+    else tokenInput.removeAttribute("aria-invalid");
     if (!response.ok) {
       const error = body.error;
+      const hint = response.status === 401 ? ". Enter this server's publish token." : "";
       throw new Error(
-        `HTTP ${response.status}: ${typeof error === "string" ? error : (error && error.message) || ""}`,
+        `HTTP ${response.status}: ${typeof error === "string" ? error : (error && error.message) || ""}${hint}`,
       );
     }
     const id = body.id || body.job_id;
@@ -110,6 +120,7 @@ async function start() {
 }
 
 $("start").addEventListener("click", start);
+$("token").addEventListener("input", () => $("token").removeAttribute("aria-invalid"));
 
 // `/jobs?job=ID` watches a job that is already running (or finished: its latest state).
 const existing = new URLSearchParams(location.search).get("job");
