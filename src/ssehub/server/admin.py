@@ -4,10 +4,14 @@ The admin view covers every process that shares the broker: the process that tak
 admin request asks all of them through the broker (`Broker.ask`), each answers from its
 own registry (`answerer`), and the asker merges the answers. With the memory broker the
 one process answers itself, through the same path.
+
+`/metrics` and `/healthz`'s `connections` answer for the node instead (the processes of
+one `ssehub serve --workers N`): each node is its own Prometheus target (`ask_node`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import heapq
 from collections.abc import Awaitable, Callable, Mapping
@@ -18,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ssehub.broker import BrokerUnavailable
+from ssehub.broker import Broker, BrokerUnavailable
 from ssehub.broker.base import Answerer, Answers, Member
 from ssehub.server import metrics
 from ssehub.server.channels import RequestError, check_bearer
@@ -36,9 +40,17 @@ MAX_LIMIT = 1000
 _STATS_FIELDS = [f.name for f in dataclasses.fields(HubStats)]
 
 
-def answerer(hub: Hub) -> Answerer:
+def answerer(
+    hub: Hub, registry: CollectorRegistry | None = None, node: str | None = None
+) -> Answerer:
     """What this process answers, from `hub`'s registry, when an admin request anywhere
-    asks every process (see `admin_routes`)."""
+    asks every process (see `admin_routes`).
+
+    `registry` is what it answers a `metrics` question with (default: the hub's metrics
+    alone); `node` is the node it belongs to, as in its `about`: a question for another
+    node (`"node"` in it) gets an empty answer, which the asker does not count.
+    """
+    registry = registry if registry is not None else metrics.make_registry(hub)
 
     async def answer(question: Mapping[str, Any]) -> Mapping[str, Any]:
         kind = question.get("ask")
@@ -52,11 +64,45 @@ def answerer(hub: Hub) -> Answerer:
             }
         if kind == "disconnect":
             return {"disconnected": hub.disconnect(str(question["id"]))}
+        if question.get("node", node) != node:
+            return {}
         if kind == "stats":
             return dataclasses.asdict(hub.stats())
+        if kind == "metrics":
+            return {"metrics": metrics.render(registry).decode()}
         raise ValueError(f"unknown admin question {kind!r}")
 
     return answer
+
+
+async def ask_node(broker: Broker, question: Mapping[str, Any], node: str | None) -> Answers:
+    """`question` put to the processes of `node` (the `node` of their `about`), for
+    what a node answers for itself (`/metrics`, `/healthz`): every other node is a target
+    of its own. Other nodes' processes still get the question (`Broker.ask` reaches
+    every member) but answer it empty, and are left out here. `node=None`: every process.
+    """
+    answers = await broker.ask({**question, "node": node}, wait=ASK_WAIT)
+    if node is None:
+        return answers
+    return Answers(
+        [(m, body) for m, body in answers.answers if m.about.get("node") == node],
+        [m for m in answers.unanswered if m.about.get("node") == node],
+    )
+
+
+async def node_connections(hub: Hub, node: str | None) -> int:
+    """The open subscriber connections of every process of `node`: this process's own
+    count, plus what the others answer (see `ask_node`). Raises `BrokerUnavailable`."""
+    broker = hub.broker
+    here = hub.stats().connections
+    if broker.process is None:
+        return here
+    answers = await ask_node(broker, {"ask": "stats"}, node)
+    return here + sum(
+        int(body.get("connections", 0))
+        for m, body in answers.answers
+        if m.process != broker.process
+    )
 
 
 def _age_order(info: ConnectionInfo) -> tuple[float, str]:
@@ -77,8 +123,14 @@ def _unanswered(answers: Answers) -> list[dict[str, Any]]:
 
 
 def admin_routes(
-    hub: Hub, admin_token: str | None, registry: CollectorRegistry | None = None
+    hub: Hub,
+    admin_token: str | None,
+    registry: CollectorRegistry | None = None,
+    node: str | None = None,
 ) -> list[BaseRoute]:
+    """The admin routes and `/metrics`. `node` is this process's node (its `about`'s):
+    `/metrics` answers for the processes of that node (None: every process).
+    """
     # Others (the gateway) register their metrics in the same registry: one /metrics.
     registry = registry or metrics.make_registry(hub)
     broker = hub.broker
@@ -149,8 +201,35 @@ def admin_routes(
         totals = {name: sum(int(p.get(name, 0)) for p in processes) for name in _STATS_FIELDS}
         return JSONResponse({**totals, "processes": processes, "unanswered": _unanswered(answers)})
 
+    # How many other processes of this node the last scrape knew of: when the broker is
+    # away, the scrape says they are missing rather than pass one process off as the node.
+    peers = 0
+
     async def scrape(request: Request) -> Response:
-        return Response(metrics.render(registry), media_type=metrics.CONTENT_TYPE)
+        nonlocal peers
+        # This process's samples are taken here, not through the broker, so a scrape has
+        # them even when the broker is away; one round of asking fetches all the others'.
+        own = metrics.render(registry)
+        others: list[str] = []
+        unanswered = 0
+        if broker.process is not None:
+            try:
+                # Bounded whole: a Redis that hangs rather than refuses must not hold
+                # the scrape for its socket timeout.
+                answers = await asyncio.wait_for(
+                    ask_node(broker, {"ask": "metrics"}, node), ASK_WAIT + 1.0
+                )
+            except (BrokerUnavailable, TimeoutError):
+                unanswered = peers
+            else:
+                for member, body in answers.answers:
+                    text = body.get("metrics")
+                    if member.process != broker.process and isinstance(text, str):
+                        others.append(text)
+                unanswered = sum(m.process != broker.process for m in answers.unanswered)
+                peers = len(others) + unanswered
+        exposition = metrics.node_exposition(own, others, unanswered)
+        return Response(exposition, media_type=metrics.CONTENT_TYPE)
 
     return [
         Route("/admin/connections", guarded(list_connections), methods=["GET"]),

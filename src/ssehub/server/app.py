@@ -23,10 +23,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from ssehub.broker import Broker, Retention
+from ssehub.broker import Broker, BrokerUnavailable, Retention
 from ssehub.broker.memory import MemoryBroker
 from ssehub.gateway import Gateway, gateway_routes
-from ssehub.server.admin import admin_routes, answerer
+from ssehub.server.admin import admin_routes, answerer, node_connections
 from ssehub.server.channels import ChannelEndpoint
 from ssehub.server.hub import Hub
 from ssehub.server.jobs import job_routes
@@ -130,6 +130,10 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     broker = broker if broker is not None else make_broker(settings)
     hub = make_hub(settings, broker)
     cleanups: list[Callable[[], Awaitable[None]]] = []
+    # How the admin view of every process sharing the broker names this one; `/metrics`
+    # and `/healthz` answer for the processes of its `node`.
+    node = f"{socket.gethostname()}:{settings.port}"
+    about = {"node": node, "pid": os.getpid()}
 
     async def healthz(request: Request) -> Response:
         # A broker that does not answer (Redis away) is "degraded", still HTTP 200: open
@@ -139,11 +143,17 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             broker_ok = await asyncio.wait_for(broker.ping(), timeout=2.0)
         except TimeoutError:
             broker_ok = False
+        # The node's connections (every worker's); this process's alone when the broker,
+        # which carries the question, is away.
+        connections = hub.stats().connections
+        if broker_ok:
+            with contextlib.suppress(BrokerUnavailable, TimeoutError):
+                connections = await asyncio.wait_for(node_connections(hub, node), timeout=2.0)
         return JSONResponse(
             {
                 "status": "ok" if broker_ok else "degraded",
                 "broker": "ok" if broker_ok else "unavailable",
-                "connections": hub.stats().connections,
+                "connections": connections,
             }
         )
 
@@ -156,19 +166,16 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/channels/{name:path}", channels, methods=["GET", "HEAD", "POST", "DELETE"]),
-        *admin_routes(hub, settings.admin_token, registry),
+        *admin_routes(hub, settings.admin_token, registry, node),
         *job_routes(hub, settings.publish_token, settings.max_body),
         *gateway_routes(),
         *web_routes(),
     ]
 
-    # How the admin view of every process sharing the broker names this one.
-    about = {"node": f"{socket.gethostname()}:{settings.port}", "pid": os.getpid()}
-
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await hub.start()
-        await broker.join(answerer(hub), about)
+        await broker.join(answerer(hub, registry, node), about)
         try:
             with ending_streams_on_signals(hub):
                 yield
