@@ -39,6 +39,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+from ssehub.gateway.http1 import PROXY_ENVIRONMENT  # noqa: E402
+
 from _support import free_port, wait_for_port  # noqa: E402
 
 UPSTREAM = """
@@ -175,6 +177,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    # Everything here talks over loopback: a developer's HTTPS_PROXY and co. must not send
+    # the gateway's upstream requests, nor this client's, through a proxy.
+    for name in PROXY_ENVIRONMENT:
+        os.environ.pop(name, None)
 
     cpus = os.sched_getaffinity(0)
     gateway_cpus = {min(cpus)}

@@ -46,6 +46,11 @@ class Settings:
         None, "Base URL of an OpenAI-compatible upstream (e.g. https://api.openai.com/v1)."
     )
     upstream_api_key: str | None = _opt(None, "API key sent to the upstream as a Bearer token.")
+    upstream_proxy: str | None = _opt(
+        None,
+        "HTTP proxy to reach the upstream through (http://[user:pass@]host:port). Without it "
+        "HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY apply, as in curl.",
+    )
     api_key: str | None = _opt(
         None,
         "When set, /v1 endpoints need 'Authorization: Bearer <key>' (several keys: "

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from fake_upstream import FakeUpstream
 
+from ssehub.gateway.http1 import PROXY_ENVIRONMENT
 from ssehub.settings import Settings
 
 from _support import serve_in_thread
@@ -18,6 +19,14 @@ def _app(settings: Settings) -> Any:
     from ssehub.server.app import create_app
 
     return create_app(settings)
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's HTTPS_PROXY and co. must not send the tests' loopback upstreams
+    through a proxy (gateways in subprocesses inherit the cleared environment too)."""
+    for name in PROXY_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture

@@ -76,6 +76,13 @@ def serve(**options: Any) -> None:
             "--workers above 1 needs --redis-url: with the in-memory broker each worker "
             "would have its own channels, so subscribers would miss what others publish."
         )
+    if settings.upstream_proxy:
+        from ssehub.gateway.http1 import Proxy
+
+        try:
+            Proxy.parse(settings.upstream_proxy)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--upstream-proxy") from None
     import uvicorn
 
     from ssehub.server.app import create_app

@@ -12,6 +12,9 @@ one thing: requests to a few origins over kept-alive connections, on an
   end (RFC 9112 6.3). A piece of body is everything one network read brought, de-chunked:
   a burst of events is one piece, not one per chunk.
 - TLS through an `ssl.SSLContext` (the system's trust store by default).
+- HTTP proxies (`Proxies`): https origins through a `CONNECT` tunnel, http origins with
+  absolute-form request targets (RFC 9112 3.2.2 and 9.3.6). Which proxy reaches an origin
+  is decided once per origin, so the direct path does no proxy work per request.
 - Timeouts: connecting, and each wait for data (head or body). No redirects, cookies or
   retries: a relay passes the upstream's answer on as it is.
 - A response not read to its end closes its connection: the upstream sees the client go,
@@ -21,12 +24,15 @@ one thing: requests to a few origins over kept-alive connections, on an
 from __future__ import annotations
 
 import asyncio
+import base64
+import ipaddress
+import os
 import re
 import ssl
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 
@@ -60,6 +66,11 @@ class ProtocolError(HTTPError):
 
 class NoResponse(ProtocolError):
     """The connection ended before a single byte of the response came."""
+
+
+class ProxyError(ConnectError):
+    """The proxy could not be reached, or refused to carry the request (its answer is in
+    the message, never its credentials)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +108,151 @@ class Timeouts:
     read: float = 600.0  # between two pieces of data; a reasoning model may think long
 
 
+# The variables curl and httpx read; the lower-case one first, as both do.
+PROXY_VARIABLES = {
+    "http": ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"),
+    "https": ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"),
+}
+NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
+# Every variable `Proxies.from_environ` reads (tests and benchmarks clear them).
+PROXY_ENVIRONMENT = (*PROXY_VARIABLES["https"], "http_proxy", "HTTP_PROXY", *NO_PROXY_VARIABLES)
+
+
+def _redacted(url: str) -> str:
+    """`url` with everything before its last `@` after the scheme (user and password,
+    even a malformed one) replaced by `***`, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return f"{scheme}{sep}{rest}"
+
+
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """An HTTP proxy: where it listens, and the `Proxy-Authorization` it is sent."""
+
+    host: str
+    port: int
+    url: str  # `http://host:port`, without credentials: what messages show
+    authorization: str | None = field(default=None, repr=False)  # `Basic ...`
+
+    @classmethod
+    def parse(cls, url: str) -> Proxy:
+        """`http://[user:pass@]host[:port]` (no scheme means http://, as in curl and httpx;
+        no port means 80). Credentials are percent-decoded. Raises `ValueError` with a
+        message that never contains the password."""
+        raw = url.strip()
+        shown = _redacted(raw)
+        if "://" not in raw:
+            raw = "http://" + raw
+        try:
+            parts = urlsplit(raw)
+            port = 80 if parts.port is None else parts.port
+            if not port:
+                raise ValueError
+        except ValueError:
+            # (Not the parser's words: they can quote a piece of the password.)
+            raise ValueError(f"not a proxy URL: {shown!r} (bad host or port)") from None
+        if parts.scheme != "http":
+            raise ValueError(
+                f"unsupported proxy {shown!r}: only http:// proxies are supported, "
+                f"not {parts.scheme}://"
+            )
+        if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"not a proxy URL: {shown!r} (expected http://[user:pass@]host:port)")
+        host = parts.hostname
+        authorization = None
+        if parts.username is not None:
+            credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            token = base64.b64encode(credentials.encode("utf-8")).decode("ascii")
+            authorization = f"Basic {token}"
+        bracketed = f"[{host}]" if ":" in host else host
+        return cls(host, port, f"http://{bracketed}:{port}", authorization)
+
+
+def _split_port(entry: str) -> tuple[str, int | None]:
+    """A NO_PROXY entry as (host, port or None): `host:port`, `[v6]:port`, `[v6]`."""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+        return host, int(port) if port.isdigit() else None
+    host, colon, port = entry.rpartition(":")
+    if colon and ":" not in host and port.isdigit():
+        return host, int(port)
+    return entry, None  # no port, or a bare IPv6 address
+
+
+def bypasses_proxy(no_proxy: str, host: str, port: int) -> bool:
+    """Whether a `NO_PROXY` list excludes `host:port`, by curl's rules: entries separated
+    by commas; `*` alone excludes every host; a name excludes itself and its subdomains
+    (`example.com` and `.example.com` alike); an IP address or CIDR block excludes the
+    hosts written as such an address (no DNS); `host:port` excludes only that port."""
+    host = host.lower().rstrip(".")
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for item in no_proxy.split(","):
+        entry = item.strip().lower()
+        if entry == "*":
+            return True
+        name, only_port = _split_port(entry)
+        if not name or (only_port is not None and only_port != port):
+            continue
+        if address is not None:
+            try:
+                if address in ipaddress.ip_network(name, strict=False):
+                    return True
+            except (ValueError, TypeError):
+                pass  # a name, or an address of the other IP version
+            continue
+        name = name.lstrip("*").lstrip(".").rstrip(".")
+        if name and (host == name or host.endswith("." + name)):
+            return True
+    return False
+
+
+class Proxies:
+    """Which proxy, if any, reaches an origin: one given for all of them, or the one the
+    environment names, as curl and httpx choose it (`https_proxy`/`HTTPS_PROXY` for https
+    origins, `http_proxy`/`HTTP_PROXY` for http ones, `all_proxy`/`ALL_PROXY` for both,
+    lower case first; `no_proxy`/`NO_PROXY` excludes hosts). `NO_PROXY` applies to the
+    environment's proxies only: an explicit proxy is used for every origin."""
+
+    def __init__(
+        self, explicit: Proxy | None = None, environ: Mapping[str, str] | None = None
+    ) -> None:
+        self.explicit = explicit
+        # A copy: the choice does not change with the process's environment later on.
+        self._environ = {
+            name: environ[name] for name in PROXY_ENVIRONMENT if environ and environ.get(name)
+        }
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Proxies:
+        """The environment's choice (`os.environ` unless given), as it is now."""
+        return cls(None, os.environ if environ is None else environ)
+
+    def for_origin(self, scheme: str, host: str, port: int) -> Proxy | None:
+        """The proxy for `scheme://host:port`, or None to connect directly. Raises
+        `ValueError` when the variable that applies is not a usable proxy URL."""
+        if self.explicit is not None:
+            return self.explicit
+        env = self._environ
+        found = next((name for name in PROXY_VARIABLES.get(scheme, ()) if name in env), None)
+        if found is None:
+            return None
+        no_proxy = next((env[name] for name in NO_PROXY_VARIABLES if name in env), "")
+        if no_proxy and bypasses_proxy(no_proxy, host, port):
+            return None
+        try:
+            return Proxy.parse(env[found])
+        except ValueError as exc:
+            raise ValueError(f"{found}, the proxy for {scheme}://{host}:{port}: {exc}") from None
+
+
 class _Connection(asyncio.Protocol):
     """One connection: a receive buffer, and what waits on it: a response head (parsed
     as the data comes, so its arrival wakes the requester directly) or a body reader."""
@@ -112,6 +268,8 @@ class _Connection(asyncio.Protocol):
         self.eof = False
         self.error: Exception | None = None
         self.paused = False
+        # Set when requests go to a proxy in absolute form (an http origin via a proxy).
+        self.forward: _Forward | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -219,6 +377,13 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self) -> None:
+        """Close now, without TLS's closing exchange: that would outlive a loop that is
+        about to close (uvloop then reports an error and an unclosed transport)."""
+        self.eof = True
+        if self.transport is not None:
+            self.transport.abort()
+
 
 def _parse_head(conn: _Connection, pool: Pool, target: Target) -> Response | None:
     """The response whose head is in `conn.buffer` (taken out of it), None until it is
@@ -251,6 +416,14 @@ def _parse_head(conn: _Connection, pool: Pool, target: Target) -> Response | Non
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         if 100 <= code < 200 and code != 101:
             continue
+        if code == 407 and conn.forward is not None:
+            # Only the proxy asks for proxy credentials (RFC 9110 15.5.8): not the upstream's
+            # answer, so not passed on as one.
+            reason = (status[3] or b"").decode("latin-1")
+            raise ProxyError(
+                f"the proxy {conn.forward.proxy.url} refused the request to "
+                f"{conn.forward.prefix.decode('latin-1')}: 407 {reason}".rstrip()
+            )
         tokens = {t.strip() for t in headers.get("connection", "").lower().split(",")}
         keep_alive = status[1] == b"1" and "close" not in tokens
         reason = (status[3] or b"").decode("latin-1")
@@ -429,6 +602,67 @@ class Response:
         return b"".join(out)
 
 
+@dataclass(frozen=True, slots=True)
+class _Forward:
+    """How requests to an http origin are written for the proxy that carries them."""
+
+    proxy: Proxy
+    prefix: bytes  # scheme and authority before the path: absolute form (RFC 9112 3.2.2)
+    lines: tuple[bytes, ...]  # the Proxy-Authorization header line, when it has credentials
+
+
+class _Route:
+    """How the pool reaches one origin, decided once: directly, or through a proxy; and
+    the origin's idle connections. Connections are kept per origin, and an origin has one
+    route in a pool, so a tunnel to A never carries a request for B and a proxied
+    connection is never taken for a direct one."""
+
+    __slots__ = ("forward", "idle", "proxy")
+
+    def __init__(self, target: Target, proxy: Proxy | None) -> None:
+        self.proxy = proxy
+        self.idle: list[_Connection] = []
+        self.forward: _Forward | None = None
+        if proxy is not None and target.scheme == "http":
+            lines = (
+                (b"proxy-authorization: " + proxy.authorization.encode("ascii"),)
+                if proxy.authorization
+                else ()
+            )
+            self.forward = _Forward(proxy, b"http://" + target.host_header, lines)
+
+
+async def _open_tunnel(conn: _Connection, proxy: Proxy, target: Target, within: float) -> None:
+    """Ask the proxy on `conn` for a tunnel to `target` (RFC 9110 9.3.6) and read its
+    answer; raises `ProxyError` unless it is a 2xx."""
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    authority = f"{host}:{target.port}"
+    wire = authority.encode("idna")
+    lines = [b"CONNECT " + wire + b" HTTP/1.1", b"host: " + wire]
+    if proxy.authorization:
+        lines.append(b"proxy-authorization: " + proxy.authorization.encode("ascii"))
+    assert conn.transport is not None
+    conn.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+    refused = f"the proxy {proxy.url} refused CONNECT to {authority}"
+    while (end := _HEAD_END.search(conn.buffer)) is None:
+        if len(conn.buffer) > MAX_HEAD:
+            raise ProxyError(f"{refused}: its answer's head is too large")
+        if conn.eof:
+            raise ProxyError(f"{refused}: it closed the connection without an answer")
+        await conn.wait(within)  # (the caller's asyncio.timeout bounds the whole connect)
+    status_line = bytes(conn.buffer[: end.start()]).split(b"\n", 1)[0].rstrip(b"\r")
+    status = _STATUS_LINE.match(status_line)
+    if status is None:
+        raise ProxyError(f"{refused}: not an HTTP answer: {status_line[:80]!r}")
+    if status[2][:1] != b"2":
+        answer = f"{status[2].decode()} {(status[3] or b'').decode('latin-1')}".rstrip()
+        raise ProxyError(f"{refused}: {answer}")
+    if len(conn.buffer) > end.end():
+        # The origin speaks only after the TLS client hello: bytes now are the proxy's.
+        raise ProxyError(f"{refused}: it sent data after its 2xx answer")
+    conn.buffer.clear()
+
+
 class Pool:
     """Kept-alive connections per origin, and the requests sent over them."""
 
@@ -438,11 +672,13 @@ class Pool:
         *,
         max_idle: int = 64,
         ssl_context: ssl.SSLContext | None = None,
+        proxies: Proxies | None = None,
     ) -> None:
         self.timeouts = timeouts or Timeouts()
         self.max_idle = max_idle
         self._ssl_context = ssl_context
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._proxies = proxies or Proxies()
+        self._routes: dict[tuple[str, str, int], _Route] = {}
         self._closed = False
 
     def _ssl(self) -> ssl.SSLContext:
@@ -454,16 +690,34 @@ class Pool:
             self._ssl_context = context
         return self._ssl_context
 
+    def proxy_for(self, target: Target) -> Proxy | None:
+        """The proxy requests to `target`'s origin go through (None: directly). Raises
+        `ValueError` when the environment names one that cannot be used."""
+        return self._route(target).proxy
+
+    def _route(self, target: Target) -> _Route:
+        route = self._routes.get(target.origin)
+        if route is None:
+            proxy = self._proxies.for_origin(target.scheme, target.host, target.port)
+            route = self._routes[target.origin] = _Route(target, proxy)
+        return route
+
     def put(self, origin: tuple[str, str, int], conn: _Connection) -> None:
-        idle = self._idle.setdefault(origin, [])
-        if self._closed or len(idle) >= self.max_idle:
+        route = self._routes.get(origin)
+        if self._closed or route is None or len(route.idle) >= self.max_idle:
             conn.close()
         else:
-            idle.append(conn)
+            route.idle.append(conn)
 
     async def _connect(self, target: Target, reuse: bool = True) -> tuple[_Connection, bool]:
         """A connection to `target`, and whether it is a kept-alive one being reused."""
-        idle = self._idle.get(target.origin)
+        route = self._routes.get(target.origin)
+        if route is None:
+            try:
+                route = self._route(target)
+            except ValueError as exc:
+                raise ConnectError(str(exc)) from None
+        idle = route.idle
         while reuse and idle:
             conn = idle.pop()
             if conn.usable and not conn.buffer:
@@ -471,24 +725,58 @@ class Pool:
             conn.close()
         loop = asyncio.get_running_loop()
         conn = _Connection(loop)
+        proxy = route.proxy
         tls = target.scheme == "https"
         try:
+            # One bound for all of it: TCP, and through a proxy its answer and TLS too.
             async with asyncio.timeout(self.timeouts.connect):
-                # (uvloop may call `connection_made` after this returns.)
-                conn.transport, _ = await loop.create_connection(
-                    lambda: conn,
-                    target.host,
-                    target.port,
-                    ssl=self._ssl() if tls else None,
-                    server_hostname=target.host if tls else None,
-                )
+                if proxy is None:
+                    # (uvloop may call `connection_made` after this returns.)
+                    conn.transport, _ = await loop.create_connection(
+                        lambda: conn,
+                        target.host,
+                        target.port,
+                        ssl=self._ssl() if tls else None,
+                        server_hostname=target.host if tls else None,
+                    )
+                else:
+                    await self._connect_through(conn, route, proxy, target)
         except TimeoutError:
             conn.close()
-            raise Timeout(f"connecting to {target.host}:{target.port} timed out") from None
+            raise Timeout(
+                f"connecting to {target.host}:{target.port}{_through(proxy)} timed out"
+            ) from None
         except (OSError, ssl.SSLError) as exc:
             conn.close()
-            raise ConnectError(f"cannot connect to {target.host}:{target.port}: {exc}") from exc
+            raise ConnectError(
+                f"cannot connect to {target.host}:{target.port}{_through(proxy)}: {exc}"
+            ) from exc
+        except BaseException:
+            conn.close()
+            raise
         return conn, False
+
+    async def _connect_through(
+        self, conn: _Connection, route: _Route, proxy: Proxy, target: Target
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            conn.transport, _ = await loop.create_connection(lambda: conn, proxy.host, proxy.port)
+        except OSError as exc:
+            raise ProxyError(
+                f"cannot connect to the proxy {proxy.url} (for {target.host}:{target.port}): {exc}"
+            ) from exc
+        if target.scheme == "http":
+            conn.forward = route.forward
+            return
+        await _open_tunnel(conn, proxy, target, self.timeouts.connect)
+        # The origin's TLS inside the tunnel; the connection keeps its protocol (`conn`).
+        transport = await loop.start_tls(
+            conn.transport, conn, self._ssl(), server_hostname=target.host
+        )
+        if transport is None:
+            raise ConnectError(f"TLS to {target.host}:{target.port} did not start")
+        conn.transport = transport
 
     async def send(
         self,
@@ -548,10 +836,18 @@ class Pool:
         headers: Mapping[str, str],
         body: bytes,
     ) -> asyncio.Future[Response]:
-        lines = [
-            method.encode("ascii") + b" " + target.target + b" HTTP/1.1",
-            b"host: " + target.host_header,
-        ]
+        forward = conn.forward
+        if forward is None:
+            lines = [
+                method.encode("ascii") + b" " + target.target + b" HTTP/1.1",
+                b"host: " + target.host_header,
+            ]
+        else:
+            lines = [
+                method.encode("ascii") + b" " + forward.prefix + target.target + b" HTTP/1.1",
+                b"host: " + target.host_header,
+                *forward.lines,
+            ]
         lines.extend(f"{name}: {value}".encode("latin-1") for name, value in headers.items())
         if body or method not in ("GET", "HEAD"):
             lines.append(b"content-length: " + str(len(body)).encode())
@@ -577,10 +873,14 @@ class Pool:
 
     async def aclose(self) -> None:
         self._closed = True
-        for idle in self._idle.values():
-            for conn in idle:
-                conn.close()
-        self._idle.clear()
+        for route in self._routes.values():
+            for conn in route.idle:
+                conn.abort()
+            route.idle.clear()
+
+
+def _through(proxy: Proxy | None) -> str:
+    return "" if proxy is None else f" through the proxy {proxy.url}"
 
 
 def _chain(task: asyncio.Future[Response], outer: asyncio.Future[Response]) -> None:

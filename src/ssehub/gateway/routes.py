@@ -73,7 +73,9 @@ class Gateway:
             heartbeat=settings.first_token_heartbeat,
         )
         self.upstream = (
-            Upstream(settings.upstream, settings.upstream_api_key) if settings.upstream else None
+            Upstream(settings.upstream, settings.upstream_api_key, settings.upstream_proxy)
+            if settings.upstream
+            else None
         )
 
     async def aclose(self) -> None:

@@ -74,7 +74,12 @@ def _upstream_error(status: int, content: bytes, reason: str) -> GatewayError:
 
 def _transport_error(exc: http1.HTTPError, url: str) -> GatewayError:
     if isinstance(exc, http1.Timeout):
-        return GatewayError(504, f"upstream timed out: {url}", type="upstream_error", code=504)
+        return GatewayError(
+            504, f"upstream timed out: {url} ({exc})", type="upstream_error", code=504
+        )
+    if isinstance(exc, http1.ProxyError):
+        # The proxy's fault, in its words (`exc` names the proxy and what it answered).
+        return GatewayError(502, str(exc), type="upstream_error", code=502)
     return GatewayError(
         502, f"cannot reach the upstream {url}: {exc!r}", type="upstream_error", code=502
     )
@@ -251,13 +256,31 @@ class LateRelay:
 
 
 class Upstream:
-    """An OpenAI-compatible API at `base_url` (the part before `/chat/completions`)."""
+    """An OpenAI-compatible API at `base_url` (the part before `/chat/completions`),
+    reached through `proxy` (`http://[user:pass@]host:port`) when given, else through the
+    proxy the environment names for it (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY).
 
-    def __init__(self, base_url: str, api_key: str | None = None) -> None:
+    Raises `ValueError` for a proxy that cannot be used: a bad setting is an error at
+    startup, not at the first request.
+    """
+
+    def __init__(self, base_url: str, api_key: str | None = None, proxy: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
-        self._pool = http1.Pool(http1.Timeouts(connect=10.0, read=600.0))
+        proxies = http1.Proxies(http1.Proxy.parse(proxy)) if proxy else http1.Proxies.from_environ()
+        self._pool = http1.Pool(http1.Timeouts(connect=10.0, read=600.0), proxies=proxies)
         self._targets: dict[str, http1.Target] = {}
+        try:
+            base = http1.Target.parse(self.base_url)
+        except ValueError:
+            return  # each request answers 502 with what is wrong with the URL
+        try:
+            # Every request goes to this origin: its proxy is decided once, now.
+            self._pool.proxy_for(base)
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc} (give --upstream-proxy, or exclude the upstream's host with NO_PROXY)"
+            ) from None
 
     def _target(self, url: str) -> http1.Target:
         target = self._targets.get(url)
