@@ -242,3 +242,36 @@ def test_a_worker_that_does_not_answer_is_counted(nodes: tuple[str, str]) -> Non
         0.1,
         "the worker to answer again",
     )
+
+
+def test_with_redis_away_a_scrape_says_what_it_misses() -> None:
+    with (
+        redis_server() as redis,
+        serve_in_process(*node_args(redis, "--workers", "2")) as (base, _),
+    ):
+        wait_for(lambda: len(_processes(base)) == 2, 60, 0.2, "both workers to join")
+        channel = f"away-{uuid.uuid4().hex[:6]}"
+        listeners = subscribe_on_several_workers(base, channel)
+        try:
+            per_worker: dict[int, int] = {}
+            for conn in held_on(base, channel):
+                per_worker[conn["pid"]] = per_worker.get(conn["pid"], 0) + 1
+            redis.stop()
+            for _ in range(6):
+                got = scrape(base)
+                assert got["ssehub_metrics_processes"] == 1
+                assert got["ssehub_metrics_processes_unanswered"] == 1
+                assert got["ssehub_connections"] in per_worker.values()
+                health = httpx.get(f"{base}/healthz", timeout=10).json()
+                assert health["status"] == "degraded"
+                assert health["connections"] in per_worker.values()
+            redis.start()
+            wait_for(
+                lambda: scrape(base)["ssehub_metrics_processes"] == 2,
+                20,
+                0.1,
+                "both workers to answer again",
+            )
+            assert scrape(base)["ssehub_connections"] == len(listeners)
+        finally:
+            close_all(listeners)

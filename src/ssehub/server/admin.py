@@ -126,10 +126,14 @@ def admin_routes(
     hub: Hub,
     admin_token: str | None,
     registry: CollectorRegistry | None = None,
+    *,
     node: str | None = None,
+    workers: int = 1,
 ) -> list[BaseRoute]:
     """The admin routes and `/metrics`. `node` is this process's node (its `about`'s):
-    `/metrics` answers for the processes of that node (None: every process).
+    `/metrics` answers for the processes of that node (None: every process). `workers` is
+    how many processes the node runs: a scrape that holds fewer (one not yet or no
+    longer a member, or the broker away) counts the missing as unanswered.
     """
     # Others (the gateway) register their metrics in the same registry: one /metrics.
     registry = registry or metrics.make_registry(hub)
@@ -203,7 +207,7 @@ def admin_routes(
 
     # How many other processes of this node the last scrape knew of: when the broker is
     # away, the scrape says they are missing rather than pass one process off as the node.
-    peers = 0
+    peers = workers - 1
 
     async def scrape(request: Request) -> Response:
         nonlocal peers
@@ -220,7 +224,7 @@ def admin_routes(
                     ask_node(broker, {"ask": "metrics"}, node), ASK_WAIT + 1.0
                 )
             except (BrokerUnavailable, TimeoutError):
-                unanswered = peers
+                unanswered = max(peers, workers - 1)
             else:
                 for member, body in answers.answers:
                     text = body.get("metrics")
@@ -228,6 +232,7 @@ def admin_routes(
                         others.append(text)
                 unanswered = sum(m.process != broker.process for m in answers.unanswered)
                 peers = len(others) + unanswered
+                unanswered = max(unanswered, workers - 1 - len(others))
         exposition = metrics.node_exposition(own, others, unanswered)
         return Response(exposition, media_type=metrics.CONTENT_TYPE)
 

@@ -166,7 +166,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/channels/{name:path}", channels, methods=["GET", "HEAD", "POST", "DELETE"]),
-        *admin_routes(hub, settings.admin_token, registry, node),
+        *admin_routes(hub, settings.admin_token, registry, node=node, workers=settings.workers),
         *job_routes(hub, settings.publish_token, settings.max_body),
         *gateway_routes(),
         *web_routes(),
